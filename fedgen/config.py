@@ -1,0 +1,207 @@
+"""Typed configuration: the schemas behind Hydra's `conf/`, composition, and checks of impossible settings.
+
+`conf/` is the single source of truth. Entry points compose it once (`compose`), turn it into these
+dataclasses (`to_config`) and hand the dataclasses to library code, which never sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work. The message names the setting (e.g. `privacy.delta`)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | medmnist | folder | dicom
+    path: str | None = None  # file or folder for the real loaders
+    csv_path: str | None = None  # folder loader: optional CSV with file,patient_id,label
+    image_size: int = 32
+    num_patients: int = 600  # synthetic: patients over all hospitals
+    images_per_patient: int = 2  # synthetic
+    finding_rate: float = 0.3  # synthetic: share of patients with a nodule (label 1)
+    heldout_fraction: float = 0.25  # share of each hospital's patients held out for the attacks
+    validation_fraction: float = 0.1  # share of each hospital's patients for utility evaluation
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["DownBlock2D", "DownBlock2D", "DownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["UpBlock2D", "UpBlock2D", "UpBlock2D"]
+    )
+    layers_per_block: int = 1
+    mid_block_attention: bool = True
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # any diffusers DDPMScheduler beta_schedule
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 8.0  # the budget for the hospital's whole planned training
+    delta: float = 1e-5  # must be below 1 / (training images in the silo)
+    max_grad_norm: float = 1.0  # per-example clipping bound C
+    noise_multiplier: float | None = None  # set to skip calibration; must still fit the budget
+    accountant: str = "rdp"  # rdp | prv (Opacus accountants; gdp is an approximation, not a bound)
+    secure_rng: bool = False  # Opacus secure_mode (needs torchcsprng)
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = 32  # expected batch size: Poisson sample rate q = batch_size / N
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"  # adam | sgd
+    noise_multiplicity: int = 1  # K draws of (t, noise) averaged per example before clipping
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class FederationConfig:
+    num_hospitals: int = 3
+    num_rounds: int = 5
+    fraction_train: float = 1.0  # share of hospitals sampled per round
+    min_train_nodes: int = 1  # fewer successful replies than this fails the round
+    local_epochs: int = 1
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam
+    proximal_mu: float = 0.01  # fedprox
+    server_learning_rate: float = 0.01  # fedadam
+    partitioning: str = "source"  # iid | dirichlet | quantity | source
+    dirichlet_alpha: float = 0.5
+    quantity_sigma: float = 1.0  # log-normal spread of silo sizes
+    duplicate_fraction: float = 0.0  # share of a hospital's training images duplicated
+    duplicate_times: int = 1  # each duplicated image appears this many extra times
+    duplicate_hospitals: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "default"
+    seed: int = 0
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+def register_schemas() -> None:
+    """Register the schema so every composed config is type-checked against it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose `conf/` with Hydra overrides (e.g. ["privacy=eps1", "federation.num_rounds=3"])."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def to_config(cfg: DictConfig) -> ExperimentConfig:
+    """Turn a composed DictConfig into the typed dataclass tree and check it."""
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), cfg)
+    config = OmegaConf.to_object(merged)
+    assert isinstance(config, ExperimentConfig)
+    validate(config)
+    return config
+
+
+def load_config(overrides: list[str] | None = None) -> ExperimentConfig:
+    return to_config(compose(overrides))
+
+
+def _require(ok: bool, setting: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{setting}: {message}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Fail before any training on settings that cannot work. Silo-dependent checks (delta < 1/N,
+    empty silos) happen where the silo is known: `privacy.check_delta`, `partition.partition`."""
+    d, m, p, t, f = cfg.data, cfg.model, cfg.privacy, cfg.training, cfg.federation
+    _require(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
+    downsamples = len(m.block_out_channels) - 1
+    _require(
+        d.image_size % (2**downsamples) == 0,
+        "data.image_size",
+        f"{d.image_size} is not divisible by 2^{downsamples}, which the UNet's "
+        f"{len(m.block_out_channels)} resolution levels need",
+    )
+    _require(
+        len(m.down_block_types) == len(m.block_out_channels) == len(m.up_block_types),
+        "model.block_out_channels",
+        "down_block_types, up_block_types and block_out_channels must have the same length",
+    )
+    for c in m.block_out_channels:
+        _require(
+            c % m.norm_num_groups == 0,
+            "model.norm_num_groups",
+            f"{m.norm_num_groups} does not divide block width {c}",
+        )
+    for name, frac in (("heldout_fraction", d.heldout_fraction), ("validation_fraction", d.validation_fraction)):
+        _require(0.0 <= frac < 1.0, f"data.{name}", f"must be in [0, 1), got {frac}")
+    _require(
+        d.heldout_fraction + d.validation_fraction < 1.0,
+        "data.heldout_fraction",
+        "held-out plus validation fractions leave no patients to train on",
+    )
+    if p.enabled:
+        _require(
+            p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
+            "privacy.target_epsilon",
+            f"must be a positive finite number, got {p.target_epsilon}",
+        )
+        _require(0.0 < p.delta < 1.0, "privacy.delta", f"must be in (0, 1), got {p.delta}")
+        _require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {p.max_grad_norm}")
+        _require(
+            p.noise_multiplier is None or p.noise_multiplier > 0,
+            "privacy.noise_multiplier",
+            f"must be > 0 (or null to calibrate), got {p.noise_multiplier}",
+        )
+        _require(p.accountant in ("rdp", "prv"), "privacy.accountant", f"unknown '{p.accountant}'")
+    _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
+    _require(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
+    _require(t.noise_multiplicity >= 1, "training.noise_multiplicity", "must be >= 1")
+    _require(t.optimizer in ("adam", "sgd"), "training.optimizer", f"unknown '{t.optimizer}'")
+    _require(f.num_hospitals >= 1, "federation.num_hospitals", f"must be >= 1, got {f.num_hospitals}")
+    _require(f.num_rounds >= 1, "federation.num_rounds", f"must be >= 1, got {f.num_rounds}")
+    _require(f.local_epochs >= 1, "federation.local_epochs", f"must be >= 1, got {f.local_epochs}")
+    _require(0.0 < f.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
+    _require(
+        1 <= f.min_train_nodes <= f.num_hospitals,
+        "federation.min_train_nodes",
+        f"must be in [1, num_hospitals={f.num_hospitals}], got {f.min_train_nodes}",
+    )
+    _require(
+        f.strategy in ("fedavg", "fedprox", "fedadam"), "federation.strategy", f"unknown '{f.strategy}'"
+    )
+    _require(
+        f.partitioning in ("iid", "dirichlet", "quantity", "source"),
+        "federation.partitioning",
+        f"unknown '{f.partitioning}'",
+    )
+    _require(0.0 <= f.duplicate_fraction <= 1.0, "federation.duplicate_fraction", "must be in [0, 1]")
+    _require(f.duplicate_times >= 0, "federation.duplicate_times", "must be >= 0")

@@ -1,0 +1,137 @@
+"""One hospital's local training: DP-SGD (Opacus optimizer, sampler and accountant) or plain SGD.
+
+Both modes share one loop: Poisson-sampled batches, the same per-example loss with K draws of
+(timestep, noise) per example (noise multiplicity, Dockhorn et al. 2023: averaging before clipping
+lowers the gradient's variance at no privacy cost, since each example still contributes one
+clipped gradient per step). DP mode computes exact per-example gradients (`per_sample_grads`),
+lets Opacus's DPOptimizer clip them to C, sum, add N(0, sigma^2 C^2) noise and divide by the
+expected batch size, and lets the accountant record every step. Plain mode backpropagates the
+batch mean.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from tqdm.auto import tqdm
+
+from fedgen.config import ExperimentConfig
+from fedgen.diffusion import Diffusion, unet_denoiser
+from fedgen.per_sample_grads import per_sample_gradients
+from fedgen.privacy import EpsilonLedger, TrainingPlan
+from fedgen.seeding import torch_generator
+
+
+@dataclass(frozen=True)
+class LocalTrainingResult:
+    loss: float  # mean per-example denoising loss over the local training
+    num_examples: int  # training images N (Poisson sampling is over these)
+    steps: int  # optimizer steps taken (noisy releases, in DP mode)
+    epsilon: float  # cumulative epsilon after this training (inf without DP)
+    delta: float
+    noise_multiplier: float  # 0 without DP
+    seconds: float
+
+
+def make_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
+    if cfg.training.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.training.learning_rate)
+    return torch.optim.SGD(params, lr=cfg.training.learning_rate)
+
+
+def train_locally(
+    unet: torch.nn.Module,
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    cfg: ExperimentConfig,
+    plan: TrainingPlan,
+    ledger: EpsilonLedger | None,
+    seed_parts: tuple,
+    server_round: int = 1,
+    proximal_mu: float = 0.0,
+    progress: bool = False,
+) -> LocalTrainingResult:
+    """Run `plan.steps_per_round` Poisson-sampled steps on `images` [N,1,H,W] (on unet's device).
+
+    DP mode needs a `ledger`: its budget is checked before the first step (BudgetExceededError),
+    its accountant history continues here, and it is updated (not saved) at the end; the caller
+    saves it. `proximal_mu` > 0 adds FedProx's mu/2 ||w - w_global||^2; its gradient depends only
+    on the weights, so adding it after the noise is post-processing.
+    """
+    dp = ledger is not None
+    device = next(unet.parameters()).device
+    steps = plan.steps_per_round
+    if dp:
+        ledger.check_budget(steps)
+    gen = torch_generator(*seed_parts, "draws")
+    sampler = UniformWithReplacementSampler(
+        num_samples=plan.num_examples,
+        sample_rate=plan.sample_rate,
+        generator=torch_generator(*seed_parts, "poisson"),
+        steps=plan.steps_per_epoch,
+    )
+    params = [p for p in unet.parameters() if p.requires_grad]
+    global_weights = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = make_optimizer(cfg, params)
+    if dp:
+        optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=ledger.noise_multiplier,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            expected_batch_size=max(1, round(plan.sample_rate * plan.num_examples)),
+            loss_reduction="mean",
+            generator=None if cfg.privacy.secure_rng else torch_generator(*seed_parts, "dp-noise"),
+            secure_mode=cfg.privacy.secure_rng,
+        )
+        accountant = ledger.make_accountant()
+        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+
+    unet.train()
+    denoiser = unet_denoiser(unet)
+    k = cfg.training.noise_multiplicity
+    loss_sum, loss_count, taken = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"round {server_round} local", disable=not progress, leave=False)
+    for _ in range(plan.local_epochs):
+        for index in sampler:
+            x0 = images[index].to(device)
+            t, eps = diffusion.draw(x0.cpu(), k, generator=gen)
+            t, eps = t.to(device), eps.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            if dp:
+                grads, losses = per_sample_gradients(unet, diffusion, x0, t, eps)
+                for (name, p) in ((n, p) for n, p in unet.named_parameters() if p.requires_grad):
+                    p.grad_sample = grads[name]
+                optimizer.pre_step()  # clip, sum, noise, scale, account
+            elif len(index) > 0:
+                losses = diffusion.per_example_loss(denoiser, x0, t, eps)
+                losses.mean().backward()
+            else:
+                losses = x0.new_zeros(0)  # an empty batch: nothing to learn, no step
+                bar.update(1)
+                continue
+            for p, w in zip(params, global_weights):
+                p.grad.add_(p.detach() - w, alpha=proximal_mu)
+            (optimizer.original_optimizer if dp else optimizer).step()
+            loss_sum += float(losses.sum())
+            loss_count += len(index)
+            taken += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}")
+    bar.close()
+    if dp:
+        optimizer.zero_grad(set_to_none=True)  # drop grad_sample references
+        ledger.record(accountant, server_round, taken)
+    return LocalTrainingResult(
+        loss=loss_sum / max(loss_count, 1),
+        num_examples=plan.num_examples,
+        steps=taken,
+        epsilon=ledger.epsilon if dp else float("inf"),
+        delta=ledger.delta if dp else 0.0,
+        noise_multiplier=ledger.noise_multiplier if dp else 0.0,
+        seconds=time.perf_counter() - start,
+    )
