@@ -90,7 +90,8 @@ def _rate_upper_bounds(
         # Simultaneous over all thresholds: FP(t) and FPR(t) both fall as t grows, so a miss at any
         # t with FP(t) = k implies a miss at one fixed, data-independent threshold (the last t with
         # FPR(t) >= ub(k)). Counts k = 0..n-1 can miss (k = n has bound 1): n events per rate.
-        pass
+        sig_fpr /= n_neg
+        sig_fnr /= n_pos
     fpr_ub = clopper_pearson_upper(fp, n_neg, sig_fpr)
     fnr_ub = clopper_pearson_upper(n_pos - tp, n_pos, sig_fnr)
     return thresholds, fpr_ub, fnr_ub
