@@ -26,7 +26,7 @@ from scipy.ndimage import gaussian_filter
 from fedgen.dataset import DataError, ImageSet
 
 _SUPERSAMPLE = 2  # render at 2x and area-average: smooth edges without a 4x cost
-_PIXELS_PER_CHUNK = 2**22  # bounds memory of the float32 work arrays (~16 MB each)
+_PIXELS_PER_CHUNK = 2**18  # small work arrays (1 MB) stay in cache: faster than one big batch
 _PATIENT_STREAM, _PROFILE_STREAM = 2, 1  # keep profile and patient random streams apart
 _TEXTURE_WAVES = 6
 
@@ -74,9 +74,14 @@ _PROFILE_RANGES = {
 
 
 def acquisition_profile(source: int, seed: int) -> AcquisitionProfile:
-    """The acquisition parameters of `source`; deterministic in (seed, source)."""
+    """The acquisition parameters of `source`; deterministic in (seed, source).
+
+    The seed picks where each parameter's sequence starts; the source steps along it.
+    """
     if source < 0:
         raise DataError(f"source must be >= 0, got {source}")
+    if seed < 0:
+        raise DataError(f"seed must be >= 0, got {seed}")
     starts = np.random.default_rng([seed, _PROFILE_STREAM]).random(len(_PROFILE_RANGES))
     values = {}
     for start, (name, (lo, hi, stride)) in zip(starts, _PROFILE_RANGES.items(), strict=True):
@@ -128,6 +133,16 @@ def _rib_bands(q, y, first, spacing, bend, count: int):
     return profile * ((k >= 0) & (k < count))
 
 
+def _texture(x, y, p):
+    """Mean of a patient's plane waves (wave vectors tex_kx, tex_ky, phases tex_p): in [-1, 1]."""
+    total = 0.0
+    for i in range(_TEXTURE_WAVES):
+        total = total + np.sin(
+            p["tex_kx"][..., i] * x + p["tex_ky"][..., i] * y + p["tex_p"][..., i]
+        )
+    return total / _TEXTURE_WAVES
+
+
 def _attenuation(x, y, p):
     """Attenuation map (≈ 0 air, ≈ 1 soft tissue, more for bone) at patient coordinates x, y."""
     q = np.abs(x)
@@ -143,11 +158,7 @@ def _attenuation(x, y, p):
     heart = _heart_field(x, y, p)
     ribs_seen = 0.35 + 0.65 * lung  # bone contrast is lost over dense tissue (film shoulder)
     lung = lung * (1.0 - _ramp(1.0 - heart, 0.15))  # the heart displaces lung: crisp borders
-    texture = sum(
-        np.sin(p["tex_f"][..., i] * (np.cos(p["tex_a"][..., i]) * x + np.sin(p["tex_a"][..., i]) * y)
-               + p["tex_p"][..., i])
-        for i in range(_TEXTURE_WAVES)
-    ) / _TEXTURE_WAVES
+    texture = _texture(x, y, p)
     # Vessels fan out from the hila and thin towards the periphery; texture breaks the symmetry.
     hilum = np.hypot(q - 0.17, y + 0.02)
     fan = np.cos(16.0 * np.arctan2(y + 0.02, q - 0.17) + 2.0 * texture)
@@ -170,7 +181,9 @@ def _attenuation(x, y, p):
     anterior = _rib_bands(q, y, p["rib_first"] + 0.1, p["rib_sp"] * 1.1, 0.4 * (0.8 - q), 6)
     a = a + chest_wall * ribs_seen * (0.2 * posterior + 0.07 * anterior * _ramp(q - 0.2, 0.1))
 
-    clavicle_y = p["clav_y"] - p["clav_slope"] * (q - 0.05) + 0.03 * np.sin(np.pi * (q - 0.05) / 0.6)
+    clavicle_y = (
+        p["clav_y"] - p["clav_slope"] * (q - 0.05) + 0.03 * np.sin(np.pi * (q - 0.05) / 0.6)
+    )
     clavicle = _ramp(0.032 - np.abs(y - clavicle_y), 0.02) * _ramp(q - 0.05) * _ramp(0.65 - q, 0.05)
     humerus = np.hypot(q - p["body_w"] - 0.1, y + 0.74)
     a = a + 0.3 * clavicle + 0.3 * _ramp(0.18 - humerus, 0.04)
@@ -181,30 +194,39 @@ def _attenuation(x, y, p):
     return a + 0.35 * p["nod_on"] * np.exp(-(nodule**2))
 
 
+# Per-patient anatomy, (low, high) in normalised units; heart_y is relative to the left dome.
+# fmt: off
+_ANATOMY_RANGES = {
+    "body_w": (0.8, 0.95), "tissue": (0.85, 1.2),
+    "lung_hw": (0.3, 0.36), "lung_qc": (0.42, 0.47), "lung_top": (-0.72, -0.6),
+    "lung_cp": (0.45, 0.6), "dome_r": (0.2, 0.3), "dome_l": (0.14, 0.22),
+    "heart_scale": (0.85, 1.25), "heart_x": (0.1, 0.18), "heart_y": (-0.08, 0.0),
+    "rib_sp": (0.11, 0.135), "rib_bend": (0.9, 1.3), "rib_first": (-0.74, -0.66),
+    "clav_y": (-0.66, -0.56), "clav_slope": (0.1, 0.3), "bubble": (0.0, 0.08),
+    "pose_x": (-0.04, 0.04), "pose_y": (-0.04, 0.04), "pose_angle": (-0.05, 0.05),
+    "nod_r": (0.05, 0.08),
+}
+# fmt: on
+
+
 def _draw_patient(rng: np.random.Generator, finding_rate: float) -> dict[str, np.ndarray | float]:
     """One patient's anatomy (and nodule, with probability finding_rate); lengths normalised."""
     u = rng.uniform
-    p: dict[str, np.ndarray | float] = {
-        "body_w": u(0.8, 0.95), "tissue": u(0.85, 1.2),
-        "lung_hw": u(0.3, 0.36), "lung_qc": u(0.42, 0.47), "lung_top": u(-0.72, -0.6),
-        "lung_cp": u(0.45, 0.6), "dome_r": u(0.2, 0.3), "dome_l": u(0.14, 0.22),
-        "heart_scale": u(0.85, 1.25), "heart_x": u(0.1, 0.18), "heart_y": u(-0.08, 0.0),
-        "rib_sp": u(0.11, 0.135), "rib_bend": u(0.9, 1.3), "rib_first": u(-0.74, -0.66),
-        "clav_y": u(-0.66, -0.56), "clav_slope": u(0.1, 0.3), "bubble": u(0.0, 0.08),
-        "tex_f": u(12.0, 30.0, _TEXTURE_WAVES), "tex_a": u(0.0, np.pi, _TEXTURE_WAVES),
-        "tex_p": u(0.0, 2 * np.pi, _TEXTURE_WAVES),
-        "pose_x": u(-0.04, 0.04), "pose_y": u(-0.04, 0.04), "pose_angle": u(-0.05, 0.05),
-        "nod_r": u(0.05, 0.08), "nod_x": 0.0, "nod_y": 0.0, "nod_on": 0.0,
-    }
+    p: dict[str, np.ndarray | float] = {k: u(lo, hi) for k, (lo, hi) in _ANATOMY_RANGES.items()}
+    p["tex_p"] = u(0.0, 2 * np.pi, _TEXTURE_WAVES)
     p["heart_y"] += p["lung_cp"] - p["dome_l"]  # the heart rests on the left dome
-    if rng.random() < finding_rate:
-        # Rejection-sample a centre well inside a lung field and clear of the heart.
-        x, y = u(-0.85, 0.85, 256), u(-0.5, 0.5, 256)
-        _, margin, _ = _lung_field(x, y, p)
-        ok = np.flatnonzero((margin > p["nod_r"] + 0.06) & (_heart_field(x, y, p) > 1.4))
-        if len(ok) == 0:  # a lung field is ~25% of the box: 256 misses do not happen
-            raise RuntimeError("no room for a nodule; the anatomy ranges are inconsistent")
-        p.update(nod_x=float(x[ok[0]]), nod_y=float(y[ok[0]]), nod_on=1.0)
+    frequency, direction = u(12.0, 30.0, _TEXTURE_WAVES), u(0.0, np.pi, _TEXTURE_WAVES)
+    p["tex_kx"], p["tex_ky"] = frequency * np.cos(direction), frequency * np.sin(direction)
+    # The nodule's place is drawn even without a finding, so that the same seed gives the same
+    # patient with and without it (a counterfactual pair). Rejection sampling keeps it well
+    # inside a lung field and clear of the heart; a lung is ~25% of the box, 256 tries suffice.
+    has_finding = rng.random() < finding_rate
+    x, y = u(-0.85, 0.85, 256), u(-0.5, 0.5, 256)
+    _, margin, _ = _lung_field(x, y, p)
+    ok = np.flatnonzero((margin > p["nod_r"] + 0.06) & (_heart_field(x, y, p) > 1.4))
+    if len(ok) == 0:
+        raise RuntimeError("no room for a nodule; the anatomy ranges are inconsistent")
+    p.update(nod_x=float(x[ok[0]]), nod_y=float(y[ok[0]]), nod_on=float(has_finding))
     return p
 
 
@@ -224,7 +246,7 @@ def _draw_view(rng: np.random.Generator, patient: dict) -> dict[str, float]:
 def _render(p: dict[str, np.ndarray], size: int) -> np.ndarray:
     """Brightness images [B, size, size] in [0, 1] from per-image parameters (arrays [B, ...])."""
     n_render = size * _SUPERSAMPLE
-    centres = ((np.arange(n_render, dtype=np.float32) + 0.5) / n_render * 2 - 1)
+    centres = (np.arange(n_render, dtype=np.float32) + 0.5) / n_render * 2 - 1
     gx, gy = centres[None, None, :], centres[None, :, None]
     noise_seeds = p["noise_seed"].astype(np.int64)
     p = {k: v.reshape(len(v), 1, 1, *v.shape[1:]).astype(np.float32) for k, v in p.items()}
@@ -259,10 +281,14 @@ def generate_xrays(
 
     Patient j belongs to source j % num_sources, has id "s{source}-p{j:05d}" and all its
     images together. The finding is drawn per patient (a nodule persists between a patient's
-    films): with probability finding_rate the patient has one nodule, label 1, in every image.
+    films): with probability finding_rate the patient has one nodule, label 1, in every image;
+    otherwise label 0. Everything else about a patient is the same whatever finding_rate is.
     """
-    for name, value in (("num_patients", num_patients), ("images_per_patient", images_per_patient),
-                        ("num_sources", num_sources)):
+    for name, value in (
+        ("num_patients", num_patients),
+        ("images_per_patient", images_per_patient),
+        ("num_sources", num_sources),
+    ):
         if value < 1:
             raise DataError(f"{name} must be >= 1, got {value}")
     if image_size < 16:
@@ -279,7 +305,9 @@ def generate_xrays(
         source = j % num_sources
         rng = np.random.default_rng([seed, source, _PATIENT_STREAM, j])
         patient = _draw_patient(rng, finding_rate)
-        acquisition = {f.name: getattr(profiles[source], f.name) for f in fields(AcquisitionProfile)}
+        acquisition = {
+            f.name: getattr(profiles[source], f.name) for f in fields(AcquisitionProfile)
+        }
         for _ in range(images_per_patient):
             rows.append({**patient, **_draw_view(rng, patient), **acquisition})
             patient_ids.append(f"s{source}-p{j:05d}")
