@@ -87,6 +87,12 @@ class FederationConfig:
     duplicate_fraction: float = 0.0  # share of a hospital's training images duplicated
     duplicate_times: int = 1  # each duplicated image appears this many extra times
     duplicate_hospitals: list[int] = field(default_factory=lambda: [0])
+    max_update_norm: float = 1000.0  # reject updates farther than this from the global model
+    sample_every: int = 1  # rounds between fixed-noise sample grids in TensorBoard
+    num_samples: int = 16
+    sampling_steps: int = 25  # DDIM steps for the grids
+    client_cpus: int = 1  # simulation: CPU cores reserved per simulated hospital
+    client_gpus: float = -1.0  # simulation: GPUs per simulated hospital; -1 = 1 if CUDA is present
 
 
 @dataclass
@@ -205,3 +211,14 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _require(0.0 <= f.duplicate_fraction <= 1.0, "federation.duplicate_fraction", "must be in [0, 1]")
     _require(f.duplicate_times >= 0, "federation.duplicate_times", "must be >= 0")
+
+
+def overrides_from_run_config(run_config) -> list[str]:
+    """The Hydra overrides a Flower app received (`overrides`: a JSON list in the run config)."""
+    import json
+
+    raw = str(run_config.get("overrides", "") or "[]")
+    overrides = json.loads(raw)
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"run config 'overrides' must be a JSON list of strings, got {raw[:200]}")
+    return overrides

@@ -117,7 +117,7 @@ def train_locally(
             for p, w in zip(params, global_weights):
                 p.grad.add_(p.detach() - w, alpha=proximal_mu)
             (optimizer.original_optimizer if dp else optimizer).step()
-            loss_sum += float(losses.sum())
+            loss_sum += float(losses.detach().sum())
             loss_count += len(index)
             taken += 1
             bar.update(1)

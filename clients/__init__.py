@@ -1,0 +1,1 @@
+"""Flower ClientApp for fedgen: a thin adapter over `fedgen.hospital`."""

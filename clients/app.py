@@ -1,0 +1,45 @@
+"""ClientApp: one hospital. Unpacks the message, calls `fedgen.hospital.Hospital`, packs the reply."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedgen.config import load_config, overrides_from_run_config
+from fedgen.hospital import Hospital, silos_for
+from fedgen.run_dir import RunDir
+
+app = ClientApp()
+_hospitals: dict[tuple, Hospital] = {}
+
+
+def hospital_for(context: Context) -> Hospital:
+    """The hospital this node serves. One simulated worker may serve several: cache each."""
+    overrides = overrides_from_run_config(context.run_config)
+    partition = int(context.node_config["partition-id"])
+    key = (tuple(overrides), str(context.run_config["run-dir"]), partition)
+    if key not in _hospitals:
+        cfg = load_config(overrides)
+        silo = silos_for(cfg)[partition]
+        home = context.node_config.get("hospital-home") or RunDir(key[1]).hospital_home(partition)
+        _hospitals[key] = Hospital(cfg, silo, home)
+    return _hospitals[key]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    hospital = hospital_for(context)
+    config = msg.content["config"]
+    state, metrics = hospital.train(
+        msg.content["arrays"].to_torch_state_dict(),
+        server_round=int(config["fedgen-round"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    metrics = hospital_for(context).evaluate(msg.content["arrays"].to_torch_state_dict())
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

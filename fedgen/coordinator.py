@@ -1,0 +1,169 @@
+"""The coordinator's side of the federation, without Flower: global model, history, checkpoints,
+logging, the released pipeline, and resuming an interrupted run.
+
+The Flower ServerApp (`server/app.py`) drives the rounds; this class is told what happened in
+each round and keeps the record. Its view of each hospital's epsilon comes only from the
+hospitals' own reports.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedgen.config import ExperimentConfig
+from fedgen.diffusion import sample_images
+from fedgen.model import build_scheduler, build_unet
+from fedgen.run_dir import RunDir, write_json
+from fedgen.seeding import torch_generator
+from fedgen.tracking import FederationLogger
+from fedgen.update_checks import StateDict, update_problem
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+class Coordinator:
+    def __init__(self, cfg: ExperimentConfig, run_dir: RunDir, log=print):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.log = log
+        self.scheduler = build_scheduler(cfg.model)
+        torch.manual_seed(cfg.seed)
+        self.unet = build_unet(cfg.model, cfg.data.image_size)  # seeded init: reruns start equal
+        self.fixed_noise = torch.randn(
+            (cfg.federation.num_samples, 1, cfg.data.image_size, cfg.data.image_size),
+            generator=torch_generator(cfg.seed, "fixed-noise"),
+        )
+        checkpoint = run_dir.latest_checkpoint()
+        self.start_round = 0
+        self.history: list[dict] = []
+        if checkpoint is not None:
+            self.unet.load_state_dict(checkpoint["model"])
+            self.start_round = int(checkpoint["round"])
+            self.history = list(checkpoint["history"])
+        self.logger = FederationLogger(run_dir.tensorboard)
+        self.current: dict = {}
+        self.round_started = time.perf_counter()
+
+    @property
+    def rounds_left(self) -> int:
+        return max(0, self.cfg.federation.num_rounds - self.start_round)
+
+    def global_state(self) -> StateDict:
+        return {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+
+    # --- a round, as the ServerApp reports it ------------------------------------------------
+    def begin_round(self, server_round: int, sampled: int) -> None:
+        self.round_started = time.perf_counter()
+        self.current = {
+            "round": server_round,
+            "sampled": sampled,
+            "train": {},
+            "evaluate": {},
+            "failures": [],
+            "rejected": [],
+        }
+
+    def check_update(self, update: StateDict) -> str | None:
+        return update_problem(self.global_state(), update, self.cfg.federation.max_update_norm)
+
+    def record_train(self, hospital: int, metrics: dict) -> None:
+        self.current["train"][hospital] = metrics
+
+    def record_failure(self, node: int, reason: str) -> None:
+        self.current["failures"].append({"node": node, "reason": reason[-2000:]})
+        self.log(f"  ! a hospital (node {node}) failed this round: {reason.strip().splitlines()[-1][:300]}")
+
+    def record_rejection(self, hospital: int, reason: str) -> None:
+        self.current["rejected"].append({"hospital": hospital, "reason": reason})
+        self.log(f"  ! rejected the update of hospital {hospital}: {reason}")
+
+    def record_evaluate(self, hospital: int, metrics: dict) -> None:
+        self.current["evaluate"][hospital] = metrics
+
+    def end_round(self, server_round: int, state: StateDict) -> None:
+        """After aggregation: adopt the new global model, checkpoint, log, print a progress line."""
+        self.unet.load_state_dict(state)
+        record = self.current
+        record["seconds"] = time.perf_counter() - self.round_started
+        record["train_loss"] = _finite_mean([m["train-loss"] for m in record["train"].values()])
+        record["val_loss"] = _finite_mean([m["val-loss"] for m in record["evaluate"].values()])
+        eps = [m["epsilon"] for m in record["train"].values()]
+        record["epsilon_max"] = max(eps) if eps else float("nan")
+        self.history.append(record)
+        self.run_dir.save_checkpoint(server_round, self.global_state(), self.history)
+        self.logger.log_round(record)
+        every = self.cfg.federation.sample_every
+        if every > 0 and (server_round % every == 0 or server_round == self.cfg.federation.num_rounds):
+            self.logger.log_samples(self.samples(), server_round)
+        self.write_metrics(status="running")
+        n = self.cfg.federation.num_rounds
+        self.log(
+            f"round {server_round}/{n} | train loss {record['train_loss']:.4f} | "
+            f"val loss {record['val_loss']:.4f} | epsilon max {record['epsilon_max']:.3f} | "
+            f"{len(record['train'])}/{record['sampled']} hospitals ok | {record['seconds']:.1f} s"
+        )
+
+    # --- outputs -----------------------------------------------------------------------------
+    def samples(self) -> torch.Tensor:
+        return sample_images(
+            self.unet, self.scheduler, self.fixed_noise, "ddim", self.cfg.federation.sampling_steps
+        )
+
+    def ledgers(self) -> dict:
+        """Each hospital's privacy account as it last reported it (the hospital keeps the file)."""
+        latest: dict = {}
+        for record in self.history:
+            for h, m in record["train"].items():
+                rounds = latest.setdefault(str(h), {"rounds": []})["rounds"]
+                rounds.append({"round": record["round"], "epsilon": m["epsilon"], "steps": m["steps"]})
+                latest[str(h)].update(
+                    epsilon=m["epsilon"],
+                    delta=m["delta"],
+                    noise_multiplier=m["noise-multiplier"],
+                    sample_rate=m["sample-rate"],
+                    total_steps=m["total-steps"],
+                )
+        return latest
+
+    def summary(self) -> dict:
+        ledgers = self.ledgers()
+        eps = [v["epsilon"] for v in ledgers.values()]
+        last = self.history[-1] if self.history else {}
+        return {
+            "epsilon_max": max(eps) if eps else float("nan"),
+            "noise_multiplier": max((v["noise_multiplier"] for v in ledgers.values()), default=0.0),
+            "val_loss": last.get("val_loss", float("nan")),
+            "train_loss": last.get("train_loss", float("nan")),
+            "rounds_completed": len(self.history),
+        }
+
+    def write_metrics(self, status: str) -> None:
+        write_json(
+            self.run_dir.metrics,
+            {
+                "status": status,
+                "name": self.cfg.name,
+                "summary": self.summary(),
+                "history": self.history,
+                "ledgers": self.ledgers(),
+            },
+        )
+
+    def finish(self) -> Path:
+        """Release the global model as a plain diffusers pipeline and close the record."""
+        from diffusers import DDPMPipeline
+
+        DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(str(self.run_dir.pipeline))
+        summary = self.summary()
+        self.logger.log_hparams(self.cfg, summary)
+        self.logger.close()
+        self.write_metrics(status="completed")
+        return self.run_dir.pipeline

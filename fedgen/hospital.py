@@ -1,0 +1,154 @@
+"""A hospital's side of the federation, without Flower: its silo, its ledger, local training, evaluation.
+
+The Flower ClientApp (`clients/app.py`) unpacks a message, calls `Hospital.train` or
+`Hospital.evaluate`, and packs the reply. Everything a hospital keeps (its epsilon ledger, its
+member/held-out records, its last released update) lives in its own directory `home`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from fedgen.config import ExperimentConfig
+from fedgen.diffusion import Diffusion, unet_denoiser
+from fedgen.dp_sgd import train_locally
+from fedgen.model import build_scheduler, build_unet
+from fedgen.privacy import EpsilonLedger, check_delta, make_plan
+from fedgen.seeding import derive_seed, resolve_device, torch_generator
+from fedgen.silos import Silo, build_silos
+
+StateDict = dict[str, torch.Tensor]
+
+
+@lru_cache(maxsize=2)
+def _cached_silos(cfg_json: str) -> list[Silo]:
+    # One simulated client process serves several hospitals: build the pool once per config.
+    from omegaconf import OmegaConf
+
+    from fedgen.config import to_config
+
+    return build_silos(to_config(OmegaConf.create(json.loads(cfg_json))))
+
+
+def silos_for(cfg: ExperimentConfig) -> list[Silo]:
+    return _cached_silos(json.dumps(asdict(cfg), sort_keys=True))
+
+
+def state_fingerprint(state: StateDict) -> str:
+    """A cheap, exact identity of a model state (to recognise a repeated request)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Hospital:
+    """One hospital: `silo` is its data, `home` the directory only it writes to."""
+
+    def __init__(self, cfg: ExperimentConfig, silo: Silo, home: str | Path):
+        self.cfg = cfg
+        self.silo = silo
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        fed = cfg.federation
+        self.plan = make_plan(len(silo.train), cfg.training.batch_size, fed.local_epochs, fed.num_rounds)
+        if cfg.privacy.enabled:
+            check_delta(cfg.privacy.delta, len(silo.train))
+        self.device = resolve_device(cfg.training.device)
+        self.scheduler = build_scheduler(cfg.model)
+        self.diffusion = Diffusion(self.scheduler)
+        records = self.home / "records.json"
+        if not records.exists():
+            records.write_text(json.dumps(silo.records(), indent=1))
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.home / "ledger.json"
+
+    def open_ledger(self) -> EpsilonLedger | None:
+        if not self.cfg.privacy.enabled:
+            return None
+        return EpsilonLedger.open(self.ledger_path, self.cfg.privacy, self.plan)
+
+    def _model(self, state: StateDict) -> torch.nn.Module:
+        unet = build_unet(self.cfg.model, self.cfg.data.image_size)
+        unet.load_state_dict(state)
+        return unet.to(self.device)
+
+    def train(self, state: StateDict, server_round: int, proximal_mu: float = 0.0) -> tuple[StateDict, dict]:
+        """Local training from the global `state`; returns the new state and the metrics to report.
+
+        Asked again for a round it already answered from the same global model (a server that
+        restarted mid-round), it re-sends the update it released then: re-releasing the same
+        output costs no privacy, while training again would spend epsilon twice.
+        """
+        fingerprint = state_fingerprint(state)
+        cached = self.home / "last_update.pt"
+        if cached.exists():
+            last = torch.load(cached, weights_only=False)
+            if last["round"] == server_round and last["input"] == fingerprint:
+                return last["state"], last["metrics"]
+        ledger = self.open_ledger()
+        unet = self._model(state)
+        result = train_locally(
+            unet,
+            self.diffusion,
+            self.silo.train.images,
+            self.cfg,
+            self.plan,
+            ledger,
+            seed_parts=(self.cfg.seed, self.silo.hospital, server_round),
+            server_round=server_round,
+            proximal_mu=proximal_mu,
+        )
+        new_state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+        metrics = {
+            "hospital": self.silo.hospital,
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "epsilon": result.epsilon,
+            "delta": result.delta,
+            "noise-multiplier": result.noise_multiplier,
+            "sample-rate": self.plan.sample_rate,
+            "steps": result.steps,
+            "total-steps": ledger.steps if ledger else result.steps,
+            "train-seconds": result.seconds,
+        }
+        # Ledger first: if the process dies after this line, the spent epsilon is on record.
+        if ledger is not None:
+            ledger.save(self.ledger_path)
+        tmp = cached.with_suffix(".tmp")
+        torch.save({"round": server_round, "input": fingerprint, "state": new_state, "metrics": metrics}, tmp)
+        tmp.replace(cached)
+        return new_state, metrics
+
+    @torch.no_grad()
+    def evaluate(self, state: StateDict, draws: int = 4) -> dict:
+        """Denoising loss on the validation split (never trained on, not the attacks' held-out),
+        with timesteps and noise fixed by the seed so rounds are comparable."""
+        images = self.silo.validation.images
+        if len(images) == 0:
+            return {"hospital": self.silo.hospital, "num-examples": 0, "val-loss": float("nan")}
+        unet = self._model(state).eval()
+        gen = torch_generator(derive_seed(self.cfg.seed, self.silo.hospital, "validation"))
+        t, eps = self.diffusion.draw(images, draws, generator=gen)
+        losses = []
+        for start in range(0, len(images), 64):
+            x0 = images[start : start + 64].to(self.device)
+            sl = slice(start, start + 64)
+            losses.append(
+                self.diffusion.per_example_loss(unet_denoiser(unet), x0, t[sl].to(self.device), eps[sl].to(self.device)).cpu()
+            )
+        return {
+            "hospital": self.silo.hospital,
+            "num-examples": len(images),
+            "val-loss": float(torch.cat(losses).mean()),
+        }

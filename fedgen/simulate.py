@@ -1,0 +1,214 @@
+"""`fedgen simulate`: a federation of simulated hospitals on this machine, through Flower's own path.
+
+Compose and check the config, plan each hospital's privacy, prepare (or resume) the run directory,
+start a local SuperLink in simulation mode, submit the app with `flwr run`, stream its progress,
+and stop every process it started, also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from fedgen.config import CONF_DIR, ConfigError, ExperimentConfig, load_config
+from fedgen.processes import ProcessGroup, free_port, wait_until_healthy
+from fedgen.run_dir import RunDir
+
+PROJECT_ROOT = CONF_DIR.parent  # its pyproject.toml is the Flower app
+CONNECTION = "fedgen-local"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class SimulationError(RuntimeError):
+    pass
+
+
+def flower_environment(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+    """Telemetry and update checks off, no runtime installs, everything Flower writes kept local."""
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED=os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+        FLWR_DISABLE_UPDATE_CHECK=os.environ.get("FLWR_DISABLE_UPDATE_CHECK", "1"),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_TMPDIR=str(ray_tmp),  # short path: Ray puts unix sockets there
+        RAY_DEDUP_LOGS="0",
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    return env
+
+
+def executable(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise SimulationError(f"'{name}' not found: is flwr installed in this environment?")
+    return found
+
+
+def plan_table(cfg: ExperimentConfig) -> list[dict]:
+    """Build every silo and plan its privacy here, so an impossible setting fails before any
+    Flower process starts (delta >= 1/N, an empty silo, a budget no noise can meet)."""
+    from fedgen.privacy import EpsilonLedger, make_plan
+    from fedgen.silos import build_silos
+
+    rows = []
+    for silo in build_silos(cfg):
+        fed = cfg.federation
+        plan = make_plan(len(silo.train), cfg.training.batch_size, fed.local_epochs, fed.num_rounds)
+        row = {
+            "hospital": silo.hospital,
+            "train": len(silo.train),
+            "heldout": len(silo.heldout),
+            "validation": len(silo.validation),
+            "q": plan.sample_rate,
+            "steps": plan.total_steps,
+        }
+        if cfg.privacy.enabled:
+            row["sigma"] = EpsilonLedger.start(cfg.privacy, plan).noise_multiplier
+        rows.append(row)
+    return rows
+
+
+def prepare_run_dir(run_dir: RunDir, cfg: ExperimentConfig, overrides: list[str], argv: list[str]) -> bool:
+    """Create the run directory, or check that an existing one belongs to the same config.
+    Returns True when the run is already complete."""
+    resolved = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if run_dir.config.exists():
+        if run_dir.config.read_text() != resolved:
+            raise ConfigError(
+                f"name: run directory {run_dir.root} holds a run with a different config; "
+                f"resume it with the same overrides ({run_dir.overrides.read_text().strip()}) "
+                "or pick a new name=..."
+            )
+        return run_dir.is_complete()
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    run_dir.config.write_text(resolved)
+    run_dir.overrides.write_text(json.dumps(overrides))
+    run_dir.command.write_text(" ".join(argv) + "\n")
+    return False
+
+
+def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) -> RunDir:
+    cfg = load_config(overrides)
+    run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
+    echo(f"fedgen: {cfg.federation.num_hospitals} hospitals, {cfg.federation.num_rounds} rounds, "
+         f"privacy {'epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'off'}, "
+         f"model {cfg.model.name}, data {cfg.data.source}")
+    rows = plan_table(cfg)
+    for row in rows:
+        sigma = f", sigma {row['sigma']:.3f}" if "sigma" in row else ""
+        echo(f"  hospital {row['hospital']}: {row['train']} training images "
+             f"({row['heldout']} held out, {row['validation']} validation), q {row['q']:.3f}, "
+             f"{row['steps']} planned steps{sigma}")
+    if prepare_run_dir(run_dir, cfg, overrides, argv or sys.argv):
+        echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
+        return run_dir
+    checkpoint = run_dir.latest_checkpoint()
+    if checkpoint:
+        echo(f"resuming '{cfg.name}' after round {checkpoint['round']}")
+    run_flower(cfg, overrides, run_dir, echo)
+    return run_dir
+
+
+def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, echo=print) -> None:
+    work = Path(tempfile.mkdtemp(prefix="fedgen-"))
+    flwr_home, ray_tmp = work / "home", work / "ray"
+    flwr_home.mkdir()
+    ray_tmp.mkdir()
+    port = free_port()
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    import tomli_w  # a dependency of flwr
+
+    run_config = work / "run-config.toml"
+    run_config.write_text(tomli_w.dumps({"overrides": json.dumps(overrides), "run-dir": str(run_dir.root)}))
+    fed = cfg.federation
+    gpus = fed.client_gpus
+    if gpus < 0:
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    federation_config = (
+        f"num_supernodes={fed.num_hospitals} client_resources_num_cpus={fed.client_cpus} "
+        f"client_resources_num_gpus={gpus}"
+    )
+    log = run_dir.flower_log
+    processes = ProcessGroup(flower_environment(flwr_home, ray_tmp))
+    status, details = "unknown", ""
+    try:
+        superlink = processes.start(
+            [executable("flower-superlink"), "--simulation", "--insecure",
+             "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+             "--port", str(port), "--database", str(work / "state.db")],
+            log_path=log,
+        )
+        wait_until_healthy(f"http://127.0.0.1:{port}/health", superlink)
+        command = [executable("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
+                   "--federation-config", federation_config, "--run-config", str(run_config)]
+        run_id = stream(command, processes, log, echo)
+        if run_id is None:
+            raise SimulationError(f"Flower did not start the run; see {log}")
+        status, details = run_status(run_id, processes.env)
+    except KeyboardInterrupt:
+        echo(f"\ninterrupted: stopping Flower. Run the same command again to resume from {run_dir.root}")
+        raise
+    finally:
+        processes.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    if status != "finished:completed":
+        raise SimulationError(f"the federation ended as '{status}': {details}\nfull log: {log}")
+    echo(f"\nresults: {run_dir.root}")
+    echo(f"  global model (diffusers pipeline): {run_dir.pipeline}")
+    echo(f"  metrics: {run_dir.metrics}")
+    echo(f"  watch it: tensorboard --logdir {run_dir.root.parent}")
+
+
+def stream(command: list[str], processes: ProcessGroup, log: Path, echo) -> int | None:
+    """Run `flwr run --stream`, keep everything in the log, show fedgen's own lines."""
+    proc = subprocess.Popen(
+        command, env=processes.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    processes.processes.append(proc)
+    run_id = None
+    with open(log, "a") as out:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            out.write(line)
+            clean = ANSI.sub("", line).rstrip()
+            if "[fedgen]" in clean:
+                echo(clean.split("[fedgen] ", 1)[-1])
+            elif match := re.search(r"Successfully started run (\d+)", clean):
+                run_id = int(match.group(1))
+            elif clean.startswith(("Error", "❌")) or "Traceback" in clean:
+                echo(clean)
+    proc.wait()
+    return run_id
+
+
+def run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
+    """`flwr run --stream` exits 0 even when the run failed: ask the SuperLink how it ended."""
+    listing = subprocess.run(
+        [executable("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    try:
+        info = json.loads(listing.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return "unknown", listing.stdout + listing.stderr
+    return str(info.get("status")), str(info.get("status-details", ""))
+
+
+def config_dict(cfg: ExperimentConfig) -> dict:
+    return asdict(cfg)

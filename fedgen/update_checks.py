@@ -1,0 +1,37 @@
+"""Server-side checks of a hospital's model update before it is aggregated.
+
+A broken or hostile update (NaN/Inf, wrong keys or shapes, an absurd step) is rejected with a
+reason that names what is wrong; the global model is never touched by it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def update_problem(global_state: StateDict, update: StateDict, max_update_norm: float) -> str | None:
+    """Why `update` must be rejected, or None if it is acceptable.
+
+    max_update_norm bounds ||update - global||_2 over all parameters (<= 0 disables the bound).
+    """
+    missing = sorted(set(global_state) - set(update))
+    extra = sorted(set(update) - set(global_state))
+    if missing or extra:
+        return f"wrong keys (missing {missing[:3]}, unexpected {extra[:3]})"
+    squared = 0.0
+    for name, reference in global_state.items():
+        value = update[name]
+        if tuple(value.shape) != tuple(reference.shape):
+            return f"wrong shape for {name}: {tuple(value.shape)} instead of {tuple(reference.shape)}"
+        if not torch.is_floating_point(value) and value.dtype != reference.dtype:
+            return f"wrong dtype for {name}: {value.dtype}"
+        if torch.is_floating_point(value):
+            if not torch.isfinite(value).all():
+                return f"non-finite values (NaN/Inf) in {name}"
+            squared += float(((value.double() - reference.double()) ** 2).sum())
+    norm = squared**0.5
+    if max_update_norm > 0 and norm > max_update_norm:
+        return f"update norm {norm:.3g} exceeds the bound {max_update_norm:g}"
+    return None

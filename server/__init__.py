@@ -1,0 +1,1 @@
+"""Flower ServerApp for fedgen: a thin adapter over `fedgen.coordinator`."""

@@ -1,0 +1,42 @@
+"""Composition of conf/ and the checks that stop impossible settings before any training."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from fedgen.config import ConfigError, ExperimentConfig, load_config
+
+
+def test_default_composes_to_typed_config():
+    cfg = load_config([])
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.federation.num_hospitals == 3 and cfg.privacy.enabled
+    assert load_config(["privacy=eps1", "federation.num_hospitals=5"]).privacy.target_epsilon == 1.0
+    assert load_config(["privacy=none"]).privacy.enabled is False
+
+
+@pytest.mark.parametrize(
+    "override,setting",
+    [
+        ("privacy.target_epsilon=0", "privacy.target_epsilon"),
+        ("privacy.target_epsilon=-3", "privacy.target_epsilon"),
+        ("privacy.delta=1.5", "privacy.delta"),
+        ("privacy.noise_multiplier=-1", "privacy.noise_multiplier"),
+        ("privacy.max_grad_norm=0", "privacy.max_grad_norm"),
+        ("data.image_size=30", "data.image_size"),
+        ("training.noise_multiplicity=0", "training.noise_multiplicity"),
+        ("federation.num_rounds=0", "federation.num_rounds"),
+        ("federation.partitioning=random", "federation.partitioning"),
+        ("data.heldout_fraction=0.95", "data.heldout_fraction"),
+        ("model.norm_num_groups=5", "model.norm_num_groups"),
+    ],
+)
+def test_impossible_settings_fail_naming_the_setting(override, setting):
+    with pytest.raises(ConfigError, match=setting.replace(".", r"\.")):
+        load_config([override])
+
+
+def test_wrong_type_or_unknown_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        load_config(["federation.num_hospitals=many"])
+    with pytest.raises(ConfigCompositionException):
+        load_config(["federation.num_hospital=3"])
