@@ -32,6 +32,10 @@ from fedgen.config import ConfigError, PrivacyConfig
 LEDGER_VERSION = 1
 
 
+class LedgerError(RuntimeError):
+    """A hospital's ledger file cannot be read: training stops rather than restart at epsilon 0."""
+
+
 class BudgetExceededError(RuntimeError):
     """Training further would spend more epsilon than the hospital's budget allows."""
 
@@ -211,9 +215,19 @@ class EpsilonLedger:
 
     @classmethod
     def load(cls, path: str | Path) -> EpsilonLedger:
-        raw = json.loads(Path(path).read_text())
-        if raw.get("version") != LEDGER_VERSION:
-            raise ValueError(f"{path}: unknown ledger version {raw.get('version')}")
+        try:
+            raw = json.loads(Path(path).read_text())
+            if raw.get("version") != LEDGER_VERSION:
+                raise ValueError(f"unknown ledger version {raw.get('version')}")
+            return cls._from_dict(raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LedgerError(
+                f"{path}: the epsilon ledger is unreadable ({err}). Refusing to train: the epsilon "
+                "already spent would be lost. Restore the file; never delete it to start over."
+            ) from err
+
+    @classmethod
+    def _from_dict(cls, raw: dict) -> EpsilonLedger:
         return cls(
             accountant=raw["accountant"],
             delta=raw["delta"],

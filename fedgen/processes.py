@@ -8,6 +8,7 @@ environment; `ProcessGroup.stop` ends the whole tree, then sweeps anything still
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -71,10 +72,8 @@ def tagged(tag: str) -> list[int]:
 
 def _signal(pids, sig) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class ProcessGroup:
@@ -105,10 +104,8 @@ class ProcessGroup:
             time.sleep(0.1)
         _signal([p for p in pids + tagged(self.tag) if alive(p)], signal.SIGKILL)
         for proc in self.processes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                pass
         self.processes.clear()
 
     def __enter__(self) -> ProcessGroup:

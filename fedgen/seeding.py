@@ -17,7 +17,7 @@ def derive_seed(*parts: int | str) -> int:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  (third-party code may use the legacy global RNG)
     torch.manual_seed(seed)
 
 

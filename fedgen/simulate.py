@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,7 +100,12 @@ def prepare_run_dir(run_dir: RunDir, cfg: ExperimentConfig, overrides: list[str]
     return False
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) -> RunDir:
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill stops Flower's processes like Ctrl-C does
     cfg = load_config(overrides)
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
     echo(f"fedgen: {cfg.federation.num_hospitals} hospitals, {cfg.federation.num_rounds} rounds, "

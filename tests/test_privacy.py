@@ -9,7 +9,13 @@ from opacus.accountants import RDPAccountant
 from scipy.stats import norm
 
 from fedgen.config import ConfigError, PrivacyConfig
-from fedgen.privacy import BudgetExceededError, EpsilonLedger, calibrate_noise, epsilon_of, make_plan
+from fedgen.privacy import (
+    BudgetExceededError,
+    EpsilonLedger,
+    calibrate_noise,
+    epsilon_of,
+    make_plan,
+)
 
 # Opacus RDP accountant, delta 1e-5, sigma 1.0, q 0.05 (values recorded on this stack).
 OPACUS_REFERENCE = [(5, 1.9323), (10, 2.1559), (15, 2.3301)]

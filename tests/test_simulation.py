@@ -1,0 +1,165 @@
+"""End to end: the real Flower simulation (local SuperLink, `flwr run`, Ray), through `fedgen simulate`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedgen.cli import main as cli_main
+from fedgen.config import load_config
+from fedgen.model import build_unet
+from fedgen.privacy import EpsilonLedger, epsilon_of
+from fedgen.processes import TAG_VARIABLE
+
+FEDGEN = str(Path(sys.executable).parent / "fedgen")
+
+
+def tiny_overrides(runs_dir: Path, name: str) -> list[str]:
+    return [
+        f"runs_dir={runs_dir}",
+        f"name={name}",
+        "federation.num_hospitals=2",
+        "federation.num_rounds=2",
+        "federation.num_samples=4",
+        "federation.sampling_steps=5",
+        "data.num_patients=48",
+        "data.image_size=16",
+        "training.batch_size=16",
+    ]
+
+
+def run_fedgen(overrides: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [FEDGEN, "simulate", *overrides], capture_output=True, text=True, timeout=600, **kwargs
+    )
+
+
+def fedgen_processes_left() -> list[int]:
+    left = []
+    for entry in os.listdir("/proc"):
+        try:
+            if (
+                entry.isdigit()
+                and TAG_VARIABLE.encode() in Path(f"/proc/{entry}/environ").read_bytes()
+                and Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+            ):
+                left.append(int(entry))
+        except OSError:
+            continue
+    return left
+
+
+def checkpoint_model(run: Path, r: int) -> dict:
+    return torch.load(run / "checkpoints" / f"round-{r:04d}.pt", weights_only=False)["model"]
+
+
+def assert_ledger_equals_one_accountant(run: Path, hospital: int, rounds: int) -> EpsilonLedger:
+    ledger = EpsilonLedger.load(run / "hospitals" / f"hospital-{hospital}" / "ledger.json")
+    per_round = ledger.steps // rounds
+    assert [r["round"] for r in ledger.rounds] == list(range(1, rounds + 1))
+    one = epsilon_of([(ledger.noise_multiplier, ledger.sample_rate, ledger.steps)], "rdp", ledger.delta)
+    assert ledger.epsilon == pytest.approx(one, rel=1e-12)
+    first = epsilon_of([(ledger.noise_multiplier, ledger.sample_rate, per_round)], "rdp", ledger.delta)
+    assert ledger.rounds[0]["epsilon"] == pytest.approx(first, rel=1e-12)
+    assert ledger.rounds[0]["epsilon"] < ledger.rounds[-1]["epsilon"] <= ledger.budget
+    return ledger
+
+
+@pytest.mark.slow
+def test_simulation_trains_accounts_and_releases(tmp_path):
+    overrides = tiny_overrides(tmp_path, "e2e")
+    done = run_fedgen(overrides)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tensorboard --logdir" in done.stdout and "round 2/2" in done.stdout
+    run = tmp_path / "e2e"
+
+    # The run directory holds what the issue lists.
+    for item in ("config.yaml", "command.txt", "metrics.json", "pipeline/model_index.json",
+                 "checkpoints/round-0001.pt", "checkpoints/round-0002.pt"):
+        assert (run / item).exists(), item
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    for h in (0, 1):
+        records = json.loads((run / "hospitals" / f"hospital-{h}" / "records.json").read_text())
+        assert records["roles"]["member"] and records["roles"]["heldout"]
+
+    # The global model changed, round after round.
+    cfg = load_config(overrides)
+    torch.manual_seed(cfg.seed)
+    initial = build_unet(cfg.model, cfg.data.image_size).state_dict()
+    r1, r2 = checkpoint_model(run, 1), checkpoint_model(run, 2)
+    assert any(not torch.equal(initial[k], r1[k]) for k in initial)
+    assert any(not torch.equal(r1[k], r2[k]) for k in r1)
+
+    # Epsilon grows across rounds and equals one accountant that ran both rounds' steps.
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and len(metrics["history"]) == 2
+    for h in (0, 1):
+        ledger = assert_ledger_equals_one_accountant(run, h, rounds=2)
+        reported = [r["train"][str(h)]["epsilon"] for r in metrics["history"]]
+        assert reported[0] < reported[1] == pytest.approx(ledger.epsilon)
+        assert metrics["ledgers"][str(h)]["epsilon"] == pytest.approx(ledger.epsilon)
+
+    # Anyone can load the release with plain diffusers and generate.
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(str(run / "pipeline"))
+    image = pipe(batch_size=1, num_inference_steps=3, output_type="np").images
+    assert image.shape == (1, 16, 16, 1)
+    assert fedgen_processes_left() == []
+
+
+@pytest.mark.slow
+def test_a_failing_hospital_does_not_kill_the_round(tmp_path):
+    run = tmp_path / "faulty"
+    broken = run / "hospitals" / "hospital-1" / "ledger.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{ this is not a ledger")  # hospital 1 raises when it opens its ledger
+    done = run_fedgen(tiny_overrides(tmp_path, "faulty"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    for record in metrics["history"]:
+        assert set(record["train"]) == {"0"}
+        assert len(record["failures"]) == 1 and "ledger" in record["failures"][0]["reason"]
+    assert "failed this round" in done.stdout
+    assert broken.read_text() == "{ this is not a ledger"  # the hospital's file is never overwritten
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
+    overrides = tiny_overrides(tmp_path, "resume")
+    run = tmp_path / "resume"
+    first = subprocess.Popen([FEDGEN, "simulate", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while not (run / "checkpoints" / "round-0001.pt").exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    first.wait(timeout=120)
+    assert fedgen_processes_left() == []  # every process it started is gone
+    assert json.loads((run / "metrics.json").read_text())["status"] == "running"
+
+    done = run_fedgen(overrides)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming" in done.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["history"]] == [1, 2]
+    for h in (0, 1):
+        assert_ledger_equals_one_accountant(run, h, rounds=2)
+
+
+def test_bad_override_fails_before_any_process_starts(tmp_path, capsys):
+    assert cli_main(["simulate", f"runs_dir={tmp_path}", "federation.num_hospitals=many"]) == 2
+    assert "federation.num_hospitals" in capsys.readouterr().err
+    assert cli_main(["simulate", f"runs_dir={tmp_path}", "privacy.target_epsilon=-1"]) == 2
+    assert "privacy.target_epsilon" in capsys.readouterr().err
+    assert cli_main(["simulate", f"runs_dir={tmp_path}", "data.num_patients=30", "privacy.delta=0.5"]) == 2
+    assert "privacy.delta" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no run directory, no Flower process
+    assert fedgen_processes_left() == []
