@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -21,7 +23,7 @@ def hospital_for(context: Context) -> Hospital:
     if key not in _hospitals:
         cfg = load_config(overrides)
         silo = silos_for(cfg)[partition]
-        home = context.node_config.get("hospital-home") or RunDir(key[1]).hospital_home(partition)
+        home = str(context.node_config.get("hospital-home") or RunDir(key[1]).hospital_home(partition))
         _hospitals[key] = Hospital(cfg, silo, home)
     return _hospitals[key]
 
@@ -29,11 +31,11 @@ def hospital_for(context: Context) -> Hospital:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     hospital = hospital_for(context)
-    config = msg.content["config"]
+    config = msg.content.config_records["config"]
     state, metrics = hospital.train(
-        msg.content["arrays"].to_torch_state_dict(),
-        server_round=int(config["fedgen-round"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        msg.content.array_records["arrays"].to_torch_state_dict(),
+        server_round=int(cast(int, config["fedgen-round"])),
+        proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
     )
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
@@ -41,5 +43,5 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    metrics = hospital_for(context).evaluate(msg.content["arrays"].to_torch_state_dict())
+    metrics = hospital_for(context).evaluate(msg.content.array_records["arrays"].to_torch_state_dict())
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

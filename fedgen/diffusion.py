@@ -79,11 +79,14 @@ def sample_images(
     scheduler: DDPMScheduler,
     noise: torch.Tensor,
     method: str = "ddim",
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     progress: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Generate images from starting noise [B,C,H,W] with DDPM (ancestral) or DDIM (eta=0).
+
+    num_inference_steps: DDIM defaults to 50; DDPM to the full training chain (fewer is allowed:
+    diffusers then skips timesteps).
 
     Fixed `noise` gives the same images from the same model, which makes round-by-round sample
     grids comparable. Returns [B,C,H,W] clipped to [-1, 1].
@@ -94,7 +97,8 @@ def sample_images(
         sampler = DDPMScheduler.from_config(scheduler.config)
     else:
         raise ValueError(f"sampling method must be 'ddim' or 'ddpm', got '{method}'")
-    sampler.set_timesteps(num_inference_steps if method == "ddim" else scheduler.config.num_train_timesteps)
+    default_steps = 50 if method == "ddim" else scheduler.config.num_train_timesteps
+    sampler.set_timesteps(num_inference_steps or default_steps)
     was_training = unet.training
     unet.eval()
     x = noise.clone()

@@ -62,10 +62,9 @@ def train_locally(
     saves it. `proximal_mu` > 0 adds FedProx's mu/2 ||w - w_global||^2; its gradient depends only
     on the weights, so adding it after the noise is post-processing.
     """
-    dp = ledger is not None
     device = next(unet.parameters()).device
     steps = plan.steps_per_round
-    if dp:
+    if ledger is not None:
         ledger.check_budget(steps)
     gen = torch_generator(*seed_parts, "draws")
     sampler = UniformWithReplacementSampler(
@@ -76,10 +75,11 @@ def train_locally(
     )
     params = [p for p in unet.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = make_optimizer(cfg, params)
-    if dp:
-        optimizer = DPOptimizer(
-            optimizer,
+    base_optimizer = make_optimizer(cfg, params)
+    dp_optimizer: DPOptimizer | None = None
+    if ledger is not None:
+        dp_optimizer = DPOptimizer(
+            base_optimizer,
             noise_multiplier=ledger.noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
             expected_batch_size=max(1, round(plan.sample_rate * plan.num_examples)),
@@ -88,7 +88,7 @@ def train_locally(
             secure_mode=cfg.privacy.secure_rng,
         )
         accountant = ledger.make_accountant()
-        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
+        dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
 
     unet.train()
     denoiser = unet_denoiser(unet)
@@ -101,12 +101,13 @@ def train_locally(
             x0 = images[index].to(device)
             t, eps = diffusion.draw(x0.cpu(), k, generator=gen)
             t, eps = t.to(device), eps.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            if dp:
+            (dp_optimizer or base_optimizer).zero_grad(set_to_none=True)
+            if dp_optimizer is not None:
                 grads, losses = per_sample_gradients(unet, diffusion, x0, t, eps)
-                for (name, p) in ((n, p) for n, p in unet.named_parameters() if p.requires_grad):
-                    p.grad_sample = grads[name]
-                optimizer.pre_step()  # clip, sum, noise, scale, account
+                for name, p in unet.named_parameters():
+                    if p.requires_grad:
+                        p.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus
+                dp_optimizer.pre_step()  # clip, sum, noise, scale, account
             elif len(index) > 0:
                 losses = diffusion.per_example_loss(denoiser, x0, t, eps)
                 losses.mean().backward()
@@ -115,23 +116,21 @@ def train_locally(
                 bar.update(1)
                 continue
             for p, w in zip(params, global_weights):
+                assert p.grad is not None
                 p.grad.add_(p.detach() - w, alpha=proximal_mu)
-            (optimizer.original_optimizer if dp else optimizer).step()
+            base_optimizer.step()
             loss_sum += float(losses.detach().sum())
             loss_count += len(index)
             taken += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}")
     bar.close()
-    if dp:
-        optimizer.zero_grad(set_to_none=True)  # drop grad_sample references
-        ledger.record(accountant, server_round, taken)
+    seconds = time.perf_counter() - start
+    loss = loss_sum / max(loss_count, 1)
+    if ledger is None or dp_optimizer is None:
+        return LocalTrainingResult(loss, plan.num_examples, taken, float("inf"), 0.0, 0.0, seconds)
+    dp_optimizer.zero_grad(set_to_none=True)  # drop grad_sample references
+    ledger.record(accountant, server_round, taken)
     return LocalTrainingResult(
-        loss=loss_sum / max(loss_count, 1),
-        num_examples=plan.num_examples,
-        steps=taken,
-        epsilon=ledger.epsilon if dp else float("inf"),
-        delta=ledger.delta if dp else 0.0,
-        noise_multiplier=ledger.noise_multiplier if dp else 0.0,
-        seconds=time.perf_counter() - start,
+        loss, plan.num_examples, taken, ledger.epsilon, ledger.delta, ledger.noise_multiplier, seconds
     )

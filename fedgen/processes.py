@@ -120,7 +120,7 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before it was ready")
+            raise RuntimeError(f"{proc.args!r} exited with code {proc.returncode} before it was ready")
         try:
             with urllib.request.urlopen(url, timeout=1) as reply:
                 if reply.status == 200:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -43,11 +44,11 @@ class Reporting:
         accepted = []
         for msg in replies:
             if msg.has_error():
-                self.coordinator.record_failure(msg.metadata.src_node_id, msg.error.reason)
+                self.coordinator.record_failure(msg.metadata.src_node_id, str(msg.error.reason))
                 continue
-            metrics = dict(msg.content["metrics"])
-            hospital = int(metrics["hospital"])
-            update = msg.content["arrays"].to_torch_state_dict()
+            metrics = dict(msg.content.metric_records["metrics"])
+            hospital = int(cast(int, metrics["hospital"]))
+            update = msg.content.array_records["arrays"].to_torch_state_dict()
             problem = self.coordinator.check_update(update)
             if problem:
                 self.coordinator.record_rejection(hospital, problem)
@@ -62,8 +63,8 @@ class Reporting:
         replies = list(replies)
         for msg in replies:
             if not msg.has_error():
-                metrics = dict(msg.content["metrics"])
-                self.coordinator.record_evaluate(int(metrics["hospital"]), metrics)
+                metrics = dict(msg.content.metric_records["metrics"])
+                self.coordinator.record_evaluate(int(cast(int, metrics["hospital"])), metrics)
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
 
