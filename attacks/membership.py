@@ -197,8 +197,8 @@ class MembershipAttack(ABC, Generic[C]):
             raise ValueError(
                 f"{self.name}: timestep {self._max_timestep()} is outside the schedule's {num_t} steps"
             )
-        param = next(unet.parameters())
-        abar = abar_all.to(device=param.device, dtype=torch.float64)
+        device, dtype = _device_and_dtype(unet)
+        abar = abar_all.to(device=device, dtype=torch.float64)
         keys = [_pixel_key(x) for x in images]
         out = np.empty(images.shape[0], dtype=np.float64)
         was_training = unet.training
@@ -214,13 +214,21 @@ class MembershipAttack(ABC, Generic[C]):
             ) as bar:
                 for start in range(0, images.shape[0], batch_size):
                     stop = min(start + batch_size, images.shape[0])
-                    x0 = images[start:stop].to(device=param.device, dtype=param.dtype)
+                    x0 = images[start:stop].to(device=device, dtype=dtype)
                     s = self._score_batch(eps, abar, x0, keys[start:stop])
                     out[start:stop] = s.double().cpu().numpy()
                     bar.update(stop - start)
         finally:
             unet.train(was_training)
         return out
+
+
+def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model's weights live (its first parameter, else buffer; a weightless model: CPU)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
 
 
 def _check_images(images: Any) -> None:

@@ -10,6 +10,7 @@ EPILOG = """examples:
   fedgen simulate                                   # the default: 3 hospitals, epsilon 8
   fedgen simulate privacy=eps1 federation.num_hospitals=5 name=eps1-5h
   fedgen simulate privacy=none federation.num_rounds=10 name=nodp
+  fedgen attack runs/default                        # how much does the released model leak?
   fedgen xrays --out xrays.png                      # look at the synthetic X-rays
 Overrides are Hydra's (group=option, key.path=value); see conf/ for every setting."""
 
@@ -18,6 +19,21 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedgen.simulate import simulate
 
     simulate(args.overrides, argv=["fedgen", "simulate", *args.overrides])
+    return 0
+
+
+def _attack(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from attacks.audit import AuditSettings, audit_run
+
+    settings = AuditSettings(per_hospital=args.per_hospital, batch_size=args.batch_size)
+    if args.attacks:
+        settings = dataclasses.replace(settings, attacks=tuple(args.attacks.split(",")))
+    settings = dataclasses.replace(
+        settings, extraction=dataclasses.replace(settings.extraction, num_samples=args.samples)
+    )
+    audit_run(args.run_dir, settings)
     return 0
 
 
@@ -49,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     sim = commands.add_parser("simulate", help="train a federation of simulated hospitals (Flower simulation)")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. privacy=eps1 federation.num_rounds=3")
     sim.set_defaults(run=_simulate)
+    from fedgen.deploy import add_deploy_commands
+
+    add_deploy_commands(commands)  # fedgen deploy certs|superlink|register|supernode|run|demo
+    att = commands.add_parser("attack", help="measure how much a run's released model leaks (attack.json, TensorBoard)")
+    att.add_argument("run_dir", help="a run directory, e.g. runs/default")
+    att.add_argument("--attacks", help="comma-separated subset of: loss,pia,pian,secmi,sima (default: all)")
+    att.add_argument("--per-hospital", type=int, default=None, help="members (and non-members) per hospital")
+    att.add_argument("--samples", type=int, default=256, help="generated images for extraction (0: skip)")
+    att.add_argument("--batch-size", type=int, default=64)
+    att.set_defaults(run=_attack)
     xr = commands.add_parser("xrays", help="write a PNG grid of synthetic chest X-rays")
     xr.add_argument("--out", default="xrays.png")
     xr.add_argument("--size", type=int, default=64)
@@ -73,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             cause = f" ({err.__cause__})" if err.__cause__ else ""
             print(f"fedgen: error: {err}{cause}", file=sys.stderr)
             return 2
-        if type(err).__name__ == "SimulationError":
+        if type(err).__name__ in ("SimulationError", "AuditAlarm"):
             print(f"fedgen: error: {err}", file=sys.stderr)
             return 1
         raise

@@ -88,11 +88,20 @@ class FederationConfig:
     duplicate_times: int = 1  # each duplicated image appears this many extra times
     duplicate_hospitals: list[int] = field(default_factory=lambda: [0])
     max_update_norm: float = 1000.0  # reject updates farther than this from the global model
+    round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     sample_every: int = 1  # rounds between fixed-noise sample grids in TensorBoard
     num_samples: int = 16
     sampling_steps: int = 25  # DDIM steps for the grids
     client_cpus: int = 1  # simulation: CPU cores reserved per simulated hospital
     client_gpus: float = -1.0  # simulation: GPUs per simulated hospital; -1 = 1 if CUDA is present
+
+
+@dataclass
+class AuditConfig:
+    # One-run audit (Steinke, Nasr & Jagielski 2023): per hospital, `canaries` held-out patients
+    # give one image each, included in training independently with probability 1/2.
+    canaries: int = 0
+    canary_hospitals: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -105,6 +114,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def register_schemas() -> None:
@@ -211,6 +221,8 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _require(0.0 <= f.duplicate_fraction <= 1.0, "federation.duplicate_fraction", "must be in [0, 1]")
     _require(f.duplicate_times >= 0, "federation.duplicate_times", "must be >= 0")
+    _require(f.round_timeout > 0, "federation.round_timeout", f"must be > 0 seconds, got {f.round_timeout}")
+    _require(cfg.audit.canaries >= 0, "audit.canaries", f"must be >= 0, got {cfg.audit.canaries}")
 
 
 def overrides_from_run_config(run_config) -> list[str]:

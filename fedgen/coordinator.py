@@ -81,9 +81,12 @@ class Coordinator:
         self.current["failures"].append({"node": node, "reason": reason[-2000:]})
         self.log(f"  ! a hospital (node {node}) failed this round: {reason.strip().splitlines()[-1][:300]}")
 
-    def record_rejection(self, hospital: int, reason: str) -> None:
-        self.current["rejected"].append({"hospital": hospital, "reason": reason})
-        self.log(f"  ! rejected the update of hospital {hospital}: {reason}")
+    def record_rejection(self, hospital: int | None, reason: str, node: int | None = None) -> None:
+        """A reply dropped before aggregation. `hospital` is what the reply claimed (None if it
+        could not be read); `node` is Flower's id of the SuperNode that sent it."""
+        self.current["rejected"].append({"hospital": hospital, "node": node, "reason": reason})
+        who = f"hospital {hospital if hospital is not None else '?'}" + (f" (node {node})" if node is not None else "")
+        self.log(f"  ! rejected the update of {who}: {reason}")
 
     def record_evaluate(self, hospital: int, metrics: dict) -> None:
         self.current["evaluate"][hospital] = metrics

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -84,21 +85,26 @@ class ProcessGroup:
         self.env = {**env, TAG_VARIABLE: self.tag}
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, command: list[str], log_path: Path | None = None, **kwargs) -> subprocess.Popen:
-        stdout = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    def start(
+        self, command: list[str], log_path: Path | None = None, show_output: bool = False, **kwargs
+    ) -> subprocess.Popen:
+        """Start `command` with its output in `log_path` (or on our terminal with show_output)."""
+        stdout = open(log_path, "ab") if log_path else None if show_output else subprocess.DEVNULL  # noqa: SIM115
         proc = subprocess.Popen(
             command, env=self.env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
         )
         self.processes.append(proc)
         return proc
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 5.0, crash: bool = False) -> None:
+        """SIGTERM the whole tree, SIGKILL what is left after `grace` seconds. `crash=True` sends
+        SIGKILL at once, as a power cut would (tests of fault tolerance)."""
         pids: list[int] = []
         for proc in self.processes:
             if proc.poll() is None:
                 pids += [proc.pid]
             pids += descendants(proc.pid)
-        _signal(pids, signal.SIGTERM)
+        _signal(pids, signal.SIGKILL if crash else signal.SIGTERM)
         deadline = time.time() + grace
         while time.time() < deadline and any(alive(p) for p in pids + tagged(self.tag)):
             time.sleep(0.1)
@@ -115,14 +121,18 @@ class ProcessGroup:
         self.stop()
 
 
-def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Poll a SuperLink's /health endpoint until it answers 200 (or the process dies)."""
+def wait_until_healthy(
+    url: str, proc: subprocess.Popen, timeout: float = 60.0, cafile: str | Path | None = None
+) -> None:
+    """Poll a SuperLink's /health endpoint until it answers 200 (or the process dies).
+    An https URL is checked against `cafile` (the federation's CA)."""
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else None
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with code {proc.returncode} before it was ready")
         try:
-            with urllib.request.urlopen(url, timeout=1) as reply:
+            with urllib.request.urlopen(url, timeout=1, context=context) as reply:
                 if reply.status == 200:
                     return
         except OSError:

@@ -20,7 +20,7 @@ from fedgen.config import DataConfig, ExperimentConfig
 from fedgen.dataset import DataError, ImageSet
 from fedgen.partition import partition
 
-ROLES = ("member", "heldout", "validation")
+ROLES = ("member", "heldout", "validation", "canary")
 
 
 @dataclass
@@ -29,10 +29,14 @@ class Silo:
     members: ImageSet
     heldout: ImageSet
     validation: ImageSet
-    train: ImageSet  # members with duplicates appended: what DP-SGD samples from
+    train: ImageSet  # members (+ duplicates, + included canaries): what DP-SGD samples from
     duplicated: dict[str, int] = field(default_factory=dict)  # member hash -> extra copies
+    canaries: ImageSet | None = None  # one-run audit: one image per canary patient
+    canary_included: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def role(self, name: str) -> ImageSet:
+        if name == "canary":
+            return self.canaries if self.canaries is not None else self.heldout.subset([])
         return {"member": self.members, "heldout": self.heldout, "validation": self.validation}[name]
 
     def records(self) -> dict:
@@ -48,6 +52,7 @@ class Silo:
                 for role in ROLES
             },
             "duplicated": self.duplicated,
+            "canary_included": [bool(b) for b in self.canary_included],
         }
 
 
@@ -95,14 +100,37 @@ def make_silo(hospital: int, data: ImageSet, cfg: ExperimentConfig) -> Silo:
     fed = cfg.federation
     dup_fraction = fed.duplicate_fraction if hospital in fed.duplicate_hospitals else 0.0
     train, duplicated = duplicate(members, dup_fraction, fed.duplicate_times, rng)
+    heldout = data.subset(roles["heldout"])
+    canaries, included = None, np.zeros(0, dtype=bool)
+    if cfg.audit.canaries and hospital in cfg.audit.canary_hospitals:
+        heldout, canaries = take_canaries(heldout, cfg.audit.canaries, hospital, rng)
+        included = rng.random(len(canaries)) < 0.5
+        train = ImageSet.concat([train, canaries.subset(np.flatnonzero(included))])
     return Silo(
         hospital=hospital,
         members=members,
-        heldout=data.subset(roles["heldout"]),
+        heldout=heldout,
         validation=data.subset(roles["validation"]),
         train=train,
         duplicated=duplicated,
+        canaries=canaries,
+        canary_included=included,
     )
+
+
+def take_canaries(heldout: ImageSet, count: int, hospital: int, rng: np.random.Generator) -> tuple[ImageSet, ImageSet]:
+    """Turn `count` held-out patients into canaries: one image each; their other images leave the
+    held-out set (a patient's other image must not stand as a non-member of a trained canary)."""
+    patients = rng.permutation(np.unique(heldout.patient_ids))
+    if count >= len(patients):
+        raise DataError(
+            f"audit.canaries: hospital {hospital} has {len(patients)} held-out patients; "
+            f"{count} canaries would leave none as non-members"
+        )
+    chosen = patients[:count]
+    first = [int(np.flatnonzero(heldout.patient_ids == p)[0]) for p in chosen]
+    rest = np.flatnonzero(~np.isin(heldout.patient_ids, chosen))
+    return heldout.subset(rest), heldout.subset(first)
 
 
 def load_pool(cfg: DataConfig, num_sources: int) -> ImageSet:

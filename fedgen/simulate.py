@@ -17,12 +17,15 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
 from fedgen.config import CONF_DIR, ConfigError, ExperimentConfig, load_config
 from fedgen.processes import ProcessGroup, free_port, wait_until_healthy
-from fedgen.run_dir import RunDir
+
+if TYPE_CHECKING:  # run_dir imports torch: keep it out of `fedgen --help`
+    from fedgen.run_dir import RunDir
 
 PROJECT_ROOT = CONF_DIR.parent  # its pyproject.toml is the Flower app
 CONNECTION = "fedgen-local"
@@ -33,7 +36,7 @@ class SimulationError(RuntimeError):
     pass
 
 
-def flower_environment(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
+def flower_environment(flwr_home: Path, ray_tmp: Path | None = None) -> dict[str, str]:
     """Telemetry and update checks off, no runtime installs, everything Flower writes kept local."""
     env = dict(os.environ)
     env.update(
@@ -41,12 +44,32 @@ def flower_environment(flwr_home: Path, ray_tmp: Path) -> dict[str, str]:
         FLWR_TELEMETRY_ENABLED=os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
         FLWR_DISABLE_UPDATE_CHECK=os.environ.get("FLWR_DISABLE_UPDATE_CHECK", "1"),
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        RAY_TMPDIR=str(ray_tmp),  # short path: Ray puts unix sockets there
-        RAY_DEDUP_LOGS="0",
-        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
+    if ray_tmp is not None:
+        env.update(
+            RAY_TMPDIR=str(ray_tmp),  # short path: Ray puts unix sockets there
+            RAY_DEDUP_LOGS="0",
+            RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
+        )
     return env
+
+
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> None:
+    """The `flwr` CLI's connection to a SuperLink: TLS with our CA, or plaintext when None."""
+    security = f'root-certificates = "{root_certificates.resolve()}"' if root_certificates else "insecure = true"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{security}\n'
+    )
+
+
+def write_run_config(path: Path, overrides: list[str], run_dir: RunDir) -> Path:
+    """The app's run config: only what selects and overrides the Hydra config, and the run dir."""
+    import tomli_w  # a dependency of flwr
+
+    path.write_text(tomli_w.dumps({"overrides": json.dumps(overrides), "run-dir": str(run_dir.root)}))
+    return path
 
 
 def executable(name: str) -> str:
@@ -105,6 +128,8 @@ def _interrupt(*_) -> None:
 
 
 def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) -> RunDir:
+    from fedgen.run_dir import RunDir
+
     signal.signal(signal.SIGTERM, _interrupt)  # a kill stops Flower's processes like Ctrl-C does
     cfg = load_config(overrides)
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
@@ -133,14 +158,8 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
     flwr_home.mkdir()
     ray_tmp.mkdir()
     port = free_port()
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    import tomli_w  # a dependency of flwr
-
-    run_config = work / "run-config.toml"
-    run_config.write_text(tomli_w.dumps({"overrides": json.dumps(overrides), "run-dir": str(run_dir.root)}))
+    write_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", root_certificates=None)
+    run_config = write_run_config(work / "run-config.toml", overrides, run_dir)
     fed = cfg.federation
     gpus = fed.client_gpus
     if gpus < 0:
@@ -182,8 +201,9 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
     echo(f"  watch it: tensorboard --logdir {run_dir.root.parent}")
 
 
-def stream(command: list[str], processes: ProcessGroup, log: Path, echo) -> int | None:
-    """Run `flwr run --stream`, keep everything in the log, show fedgen's own lines."""
+def stream(command: list[str], processes: ProcessGroup, log: Path, echo, started: list[int] | None = None) -> int | None:
+    """Run `flwr run --stream`, keep everything in the log, show fedgen's own lines.
+    The run id is appended to `started` as soon as Flower prints it."""
     proc = subprocess.Popen(
         command, env=processes.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
@@ -197,16 +217,18 @@ def stream(command: list[str], processes: ProcessGroup, log: Path, echo) -> int 
                 echo(clean.split("[fedgen] ", 1)[-1])
             elif match := re.search(r"Successfully started run (\d+)", clean):
                 run_id = int(match.group(1))
+                if started is not None:
+                    started.append(run_id)
             elif clean.startswith(("Error", "❌")) or "Traceback" in clean:
                 echo(clean)
     proc.wait()
     return run_id
 
 
-def run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
+def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -> tuple[str, str]:
     """`flwr run --stream` exits 0 even when the run failed: ask the SuperLink how it ended."""
     listing = subprocess.run(
-        [executable("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        [executable("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     try:

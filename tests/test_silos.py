@@ -99,3 +99,25 @@ def test_duplication_appends_copies_of_chosen_members(base_config):
     assert len(silo.train) == len(silo.members) + 3 * expected
     hashes = silo.train.content_hashes()
     assert all(hashes.count(h) == 4 for h in silo.duplicated)
+
+
+def test_canaries_come_from_whole_heldout_patients_and_half_are_trained(base_config):
+    import dataclasses as dc
+
+    from fedgen.config import AuditConfig
+
+    cfg = dc.replace(
+        base_config,
+        data=dc.replace(base_config.data, num_patients=240, image_size=16),
+        audit=AuditConfig(canaries=12, canary_hospitals=[0]),
+    )
+    silo = build_silos(cfg)[0]
+    assert len(silo.canaries) == 12 and len(set(silo.canaries.patient_ids)) == 12
+    assert not set(silo.canaries.patient_ids) & set(silo.heldout.patient_ids)
+    assert not set(silo.canaries.patient_ids) & set(silo.members.patient_ids)
+    train = set(silo.train.content_hashes())
+    hashes = silo.canaries.content_hashes()
+    assert [h in train for h in hashes] == list(silo.canary_included)
+    assert 1 <= silo.canary_included.sum() <= 11
+    assert silo.records()["canary_included"] == [bool(b) for b in silo.canary_included]
+    assert build_silos(cfg)[1].canaries is None

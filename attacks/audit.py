@@ -1,0 +1,186 @@
+"""`fedgen attack <run dir>`: measure how much a released global model leaks its hospitals' patients.
+
+Loads the released pipeline and rebuilds the candidates from the run's records (`targets`), runs
+every membership attack overall and per hospital, a dataset-level test per hospital, empirical
+epsilon lower bounds (and the one-run canary audit when the run has canaries) set against each
+hospital's accountant epsilon, and extraction. Writes `attack.json`, `roc.png`,
+`extraction.png`, and adds `attack/...` to the run's TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from attacks.empirical_epsilon import one_run_epsilon_lb_best
+from attacks.extraction import ExtractionConfig, find_copies, generate, pairs_grid, unique_images
+from attacks.membership import ATTACKS, build_attack, dataset_inference
+from attacks.metrics import AttackResult, evaluate_scores
+from attacks.targets import candidates_from_run, load_released, load_run_config
+from fedgen.diffusion import sample_images
+from fedgen.run_dir import RunDir, write_json
+from fedgen.silos import build_silos
+
+
+class AuditAlarm(RuntimeError):
+    """An empirical lower bound above the accountant's epsilon: the implementation is broken."""
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    attacks: tuple[str, ...] = tuple(ATTACKS)
+    per_hospital: int | None = None  # members (and as many non-members) per hospital; None = all
+    batch_size: int = 64
+    confidence: float = 0.95
+    bootstrap: int = 1000
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    seed: int = 0
+
+
+def accountant_epsilons(run: RunDir) -> dict[int, float]:
+    """Each hospital's cumulative epsilon as it reported it (inf without DP)."""
+    ledgers = run.read_metrics().get("ledgers", {})
+    return {int(h): float(v["epsilon"]) for h, v in ledgers.items()}
+
+
+def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), progress: bool = True, log=print) -> dict:
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    unet, scheduler = load_released(run.root)
+    candidates, training = candidates_from_run(run.root, settings.seed, settings.per_hospital)
+    delta = cfg.privacy.delta if cfg.privacy.enabled else 1e-5
+    epsilons = accountant_epsilons(run)
+    eps_max = max(epsilons.values(), default=math.inf)
+    log(f"attacking {run.root.name}: {int(candidates.is_member.sum())} members, "
+        f"{int((~candidates.is_member).sum())} non-members from {len(set(candidates.hospital))} hospitals")
+
+    scores = {name: build_attack(name).score(unet, scheduler, candidates.images, settings.batch_size, progress)
+              for name in settings.attacks}
+    overall = {name: _evaluate(name, s, candidates.is_member, delta, settings) for name, s in scores.items()}
+    best = max(overall, key=lambda n: overall[n].auc)
+    report: dict = {
+        "run": str(run.root),
+        "accountant_epsilon": epsilons,
+        "delta": delta,
+        "best_attack": best,
+        "attacks": {n: r.to_dict() for n, r in overall.items()},
+        "queries_per_image": {n: build_attack(n).queries_per_image for n in settings.attacks},
+        "hospitals": {},
+    }
+    for h in sorted(set(candidates.hospital.tolist())):
+        report["hospitals"][h] = _hospital_report(h, scores, candidates, delta, settings, epsilons.get(h, math.inf))
+    report["alarms"] = _alarms(overall, report["hospitals"], eps_max)
+    report["canary_audit"] = _canary_audit(cfg, unet, scheduler, best, delta, settings, epsilons, progress)
+    for alarm in report["alarms"]:
+        log(f"!!! {alarm}")
+    report["extraction"], copies = _extraction(cfg, unet, scheduler, training, settings.extraction, progress)
+    _write(run, report, overall, copies, cfg.federation.num_rounds)
+    for name, r in overall.items():
+        log(f"  {name:6s} AUC {r.auc:.3f} [{r.auc_ci[0]:.3f}, {r.auc_ci[1]:.3f}]  TPR@1%FPR {r.tpr_at_1pct_fpr:.3f}  "
+            f"epsilon lower bound {r.epsilon_lb_clopper_pearson:.2f} (accountant {eps_max:.2f})")
+    ex = report["extraction"]
+    log(f"  extraction: {ex['num_flagged']} of {ex['num_samples']} samples flagged as copies")
+    log(f"wrote {run.root / 'attack.json'}")
+    if report["alarms"]:
+        raise AuditAlarm("; ".join(report["alarms"]))
+    return report
+
+
+def _evaluate(name: str, scores: np.ndarray, is_member: np.ndarray, delta: float, s: AuditSettings) -> AttackResult:
+    return evaluate_scores(name, scores, is_member, delta, s.confidence, s.bootstrap, s.seed)
+
+
+def _hospital_report(h, scores, candidates, delta, settings, epsilon) -> dict:
+    mine = candidates.hospital == h
+    member, nonmember = mine & candidates.is_member, mine & ~candidates.is_member
+    per_attack = {n: _evaluate(n, s[mine], candidates.is_member[mine], delta, settings) for n, s in scores.items()}
+    best = max(per_attack, key=lambda n: per_attack[n].auc)
+    s = scores[best]
+    # Dataset-level test: this hospital's members against half of its held-out images; the other
+    # half (never trained on) is the control, which must not come out significant.
+    reference = s[nonmember]
+    half = len(reference) // 2
+    suspect = s[member][:100]
+    return {
+        "accountant_epsilon": epsilon,
+        "best_attack": best,
+        "auc": {n: r.auc for n, r in per_attack.items()},
+        "tpr_at_1pct_fpr": {n: r.tpr_at_1pct_fpr for n, r in per_attack.items()},
+        "epsilon_lb": max(r.epsilon_lb_clopper_pearson for r in per_attack.values()),
+        "dataset_p_value": dataset_inference(suspect, reference[:half]) if half >= 2 else math.nan,
+        "dataset_p_value_control": dataset_inference(reference[half:], reference[:half]) if half >= 2 else math.nan,
+        "dataset_size": int(len(suspect)),
+    }
+
+
+def _alarms(overall: dict[str, AttackResult], hospitals: dict, eps_max: float) -> list[str]:
+    alarms = []
+    for name, r in overall.items():
+        if r.epsilon_lb_clopper_pearson > eps_max:
+            alarms.append(f"{name}: empirical epsilon lower bound {r.epsilon_lb_clopper_pearson:.3f} "
+                          f"exceeds the accountant's {eps_max:.3f}: the privacy implementation is broken")
+    for h, rep in hospitals.items():
+        if rep["epsilon_lb"] > rep["accountant_epsilon"]:
+            alarms.append(f"hospital {h}: epsilon lower bound {rep['epsilon_lb']:.3f} exceeds its "
+                          f"accountant's {rep['accountant_epsilon']:.3f}")
+    return alarms
+
+
+def _canary_audit(cfg, unet, scheduler, attack_name, delta, settings, epsilons, progress) -> dict:
+    """One-run audit (Steinke et al. 2023) on each hospital that trained with canaries."""
+    if not cfg.audit.canaries:
+        return {}
+    out = {}
+    for silo in build_silos(cfg):
+        if silo.canaries is None:
+            continue
+        scores = build_attack(attack_name).score(unet, scheduler, silo.canaries.images, settings.batch_size, progress)
+        bound = one_run_epsilon_lb_best(scores, silo.canary_included, delta, settings.confidence)
+        out[silo.hospital] = {
+            "attack": attack_name,
+            "canaries": len(silo.canaries),
+            "included": int(silo.canary_included.sum()),
+            "epsilon_lb": bound.epsilon,
+            "guesses": bound.num_guesses,
+            "correct": bound.num_correct,
+            "accountant_epsilon": epsilons.get(silo.hospital, math.inf),
+        }
+    return out
+
+
+def _extraction(cfg, unet, scheduler, training, ex: ExtractionConfig, progress):
+    if ex.num_samples <= 0:
+        return {"num_samples": 0, "num_flagged": 0}, None
+    shape = (1, cfg.data.image_size, cfg.data.image_size)
+    samples = generate(lambda noise: sample_images(unet, scheduler, noise, "ddim", ex.sampling_steps), shape, ex, progress)
+    unique = unique_images(training)
+    result = find_copies(samples, unique, ex)
+    summary = {k: v for k, v in result.to_dict().items() if not isinstance(v, list) or k.startswith("flagged")}
+    summary["median_nearest_distance"] = float(np.median(result.nearest_distance))
+    return summary, pairs_grid(samples, unique, result)
+
+
+def _write(run: RunDir, report: dict, overall: dict[str, AttackResult], copies, step: int) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from attacks.plots import roc_figure
+    from fedgen.images import grid_array, save_grid
+
+    write_json(run.root / "attack.json", report)
+    fig = roc_figure(overall, title=f"membership inference: {run.root.name}")
+    fig.savefig(run.root / "roc.png", dpi=120)
+    with warnings.catch_warnings(), SummaryWriter(log_dir=str(run.tensorboard)) as tb:
+        warnings.simplefilter("ignore")
+        for name, r in overall.items():
+            tb.add_scalar(f"attack/{name}/auc", r.auc, step)
+            tb.add_scalar(f"attack/{name}/tpr@1%fpr", r.tpr_at_1pct_fpr, step)
+            tb.add_scalar(f"attack/{name}/epsilon_lb", r.epsilon_lb_clopper_pearson, step)
+        tb.add_scalar("attack/extraction/flagged", report["extraction"]["num_flagged"], step)
+        tb.add_figure("attack/roc", fig, step)
+        if copies is not None and len(copies):
+            save_grid(copies, run.root / "extraction.png", nrow=8, upscale=2)
+            tb.add_image("attack/extraction_pairs", grid_array(copies, nrow=8, upscale=2), step, dataformats="HWC")

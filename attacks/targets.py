@@ -1,0 +1,96 @@
+"""What an audit attacks: the released model, and the candidates rebuilt from the run's own records.
+
+Members are each hospital's trained images; non-members its held-out images (same distribution,
+split by patient, never trained on). The auditor rebuilds both from the run's config and checks
+them, image by image, against the content hashes each hospital recorded, so the labels are
+exactly who was a member. The attacks themselves only ever see the weights and the images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from fedgen.config import to_config
+from fedgen.run_dir import RunDir
+from fedgen.silos import build_silos
+
+
+@dataclass
+class Candidates:
+    """images [N,1,H,W] in [-1,1]; is_member [N] bool; hospital [N] int."""
+
+    images: torch.Tensor
+    is_member: np.ndarray
+    hospital: np.ndarray
+
+    def of_hospital(self, h: int) -> Candidates:
+        keep = self.hospital == h
+        return Candidates(self.images[torch.from_numpy(keep)], self.is_member[keep], self.hospital[keep])
+
+
+def load_released(path: str | Path):
+    """(unet, scheduler) from a run directory or any diffusers DDPMPipeline / UNet2DModel folder."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    path = Path(path)
+    if (path / "pipeline" / "model_index.json").exists():
+        path = path / "pipeline"
+    if (path / "model_index.json").exists():
+        pipe = DDPMPipeline.from_pretrained(str(path), low_cpu_mem_usage=False)
+        return pipe.unet.eval(), pipe.scheduler
+    if (path / "config.json").exists():  # a bare UNet2DModel folder: assume the standard schedule
+        return UNet2DModel.from_pretrained(str(path), low_cpu_mem_usage=False).eval(), DDPMScheduler(num_train_timesteps=1000)
+    raise FileNotFoundError(f"{path}: no diffusers pipeline (model_index.json) or UNet (config.json)")
+
+
+def load_run_config(run_dir: RunDir):
+    if not run_dir.config.exists():
+        raise FileNotFoundError(f"{run_dir.root}: not a fedgen run directory (no config.yaml)")
+    return to_config(OmegaConf.load(run_dir.config))
+
+
+def candidates_from_run(run_dir: str | Path, seed: int = 0, per_hospital: int | None = None) -> tuple[Candidates, torch.Tensor]:
+    """Balanced members/non-members of every hospital, and all training images (for extraction).
+
+    per_hospital caps members (and as many non-members) per hospital; None takes as many as the
+    smaller side allows. Raises if a rebuilt split disagrees with the hospital's records.
+    """
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    rng = np.random.default_rng(seed)
+    images, member, hospital, training = [], [], [], []
+    for silo in build_silos(cfg):
+        _check_records(run, silo)
+        n = min(len(silo.members), len(silo.heldout))
+        if per_hospital:
+            n = min(n, per_hospital)
+        for role, chosen in ((True, silo.members), (False, silo.heldout)):
+            pick = np.sort(rng.choice(len(chosen), size=n, replace=False))
+            images.append(chosen.images[torch.from_numpy(pick)])
+            member.append(np.full(n, role))
+            hospital.append(np.full(n, silo.hospital))
+        training.append(silo.members.images)
+    return (
+        Candidates(torch.cat(images), np.concatenate(member), np.concatenate(hospital)),
+        torch.cat(training),
+    )
+
+
+def _check_records(run: RunDir, silo) -> None:
+    path = run.hospital_home(silo.hospital) / "records.json"
+    if not path.exists():
+        return  # a hospital elsewhere keeps its records: nothing to compare here
+    recorded = json.loads(path.read_text())["roles"]
+    for role in ("member", "heldout"):
+        want = [r["hash"] for r in recorded[role]]
+        if want != silo.role(role).content_hashes():
+            raise ValueError(
+                f"hospital {silo.hospital}: the rebuilt {role} images differ from {path}; "
+                "the data or the code changed since training, so membership labels would be wrong"
+            )
