@@ -33,6 +33,9 @@ class AuditAlarm(RuntimeError):
 @dataclass(frozen=True)
 class AuditSettings:
     attacks: tuple[str, ...] = tuple(ATTACKS)
+    # The dataset-level test uses one attack fixed in advance: picking the best one on the same
+    # images would bias its p-value.
+    dataset_attack: str = "pia"
     per_hospital: int | None = None  # members (and as many non-members) per hospital; None = all
     batch_size: int = 64
     confidence: float = 0.95
@@ -94,26 +97,45 @@ def _evaluate(name: str, scores: np.ndarray, is_member: np.ndarray, delta: float
     return evaluate_scores(name, scores, is_member, delta, s.confidence, s.bootstrap, s.seed)
 
 
+def _patient_means(scores: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """One score per patient (the mean of its images): patients, not films, are independent."""
+    return np.array([scores[patients == p].mean() for p in dict.fromkeys(patients.tolist())])
+
+
 def _hospital_report(h, scores, candidates, delta, settings, epsilon) -> dict:
     mine = candidates.hospital == h
     member, nonmember = mine & candidates.is_member, mine & ~candidates.is_member
     per_attack = {n: _evaluate(n, s[mine], candidates.is_member[mine], delta, settings) for n, s in scores.items()}
-    best = max(per_attack, key=lambda n: per_attack[n].auc)
-    s = scores[best]
-    # Dataset-level test: this hospital's members against half of its held-out images; the other
-    # half (never trained on) is the control, which must not come out significant.
-    reference = s[nonmember]
-    half = len(reference) // 2
-    suspect = s[member][:100]
-    return {
+    report = {
         "accountant_epsilon": epsilon,
-        "best_attack": best,
+        "best_attack": max(per_attack, key=lambda n: per_attack[n].auc),
         "auc": {n: r.auc for n, r in per_attack.items()},
         "tpr_at_1pct_fpr": {n: r.tpr_at_1pct_fpr for n, r in per_attack.items()},
         "epsilon_lb": max(r.epsilon_lb_clopper_pearson for r in per_attack.values()),
-        "dataset_p_value": dataset_inference(suspect, reference[:half]) if half >= 2 else math.nan,
-        "dataset_p_value_control": dataset_inference(reference[half:], reference[:half]) if half >= 2 else math.nan,
+    }
+    if settings.dataset_attack in scores:
+        report.update(_dataset_test(scores[settings.dataset_attack], candidates, member, nonmember, settings))
+    return report
+
+
+def _dataset_test(scores, candidates, member, nonmember, settings) -> dict:
+    """Dataset inference for one hospital: are its (up to 100) member images' scores higher than
+    those of patients known not to be in training? The held-out patients are split at random in
+    two: a reference, and a control set that must come out not significant."""
+    rng = np.random.default_rng(settings.seed)
+    held_patients = rng.permutation(np.unique(candidates.patient[nonmember]))
+    half = len(held_patients) // 2
+    if half < 2:
+        return {"dataset_p_value": math.nan, "dataset_p_value_control": math.nan}
+    reference = nonmember & np.isin(candidates.patient, held_patients[:half])
+    control = nonmember & np.isin(candidates.patient, held_patients[half:])
+    suspect = np.flatnonzero(member)[:100]
+    ref = _patient_means(scores[reference], candidates.patient[reference])
+    return {
+        "dataset_attack": settings.dataset_attack,
         "dataset_size": int(len(suspect)),
+        "dataset_p_value": dataset_inference(_patient_means(scores[suspect], candidates.patient[suspect]), ref),
+        "dataset_p_value_control": dataset_inference(_patient_means(scores[control], candidates.patient[control]), ref),
     }
 
 

@@ -23,15 +23,12 @@ from fedgen.silos import build_silos
 
 @dataclass
 class Candidates:
-    """images [N,1,H,W] in [-1,1]; is_member [N] bool; hospital [N] int."""
+    """images [N,1,H,W] in [-1,1]; is_member [N] bool; hospital [N] int; patient [N] str."""
 
     images: torch.Tensor
     is_member: np.ndarray
     hospital: np.ndarray
-
-    def of_hospital(self, h: int) -> Candidates:
-        keep = self.hospital == h
-        return Candidates(self.images[torch.from_numpy(keep)], self.is_member[keep], self.hospital[keep])
+    patient: np.ndarray
 
 
 def load_released(path: str | Path):
@@ -64,7 +61,7 @@ def candidates_from_run(run_dir: str | Path, seed: int = 0, per_hospital: int | 
     run = RunDir(run_dir)
     cfg = load_run_config(run)
     rng = np.random.default_rng(seed)
-    images, member, hospital, training = [], [], [], []
+    images, member, hospital, patient, training = [], [], [], [], []
     for silo in build_silos(cfg):
         _check_records(run, silo)
         n = min(len(silo.members), len(silo.heldout))
@@ -75,9 +72,10 @@ def candidates_from_run(run_dir: str | Path, seed: int = 0, per_hospital: int | 
             images.append(chosen.images[torch.from_numpy(pick)])
             member.append(np.full(n, role))
             hospital.append(np.full(n, silo.hospital))
+            patient.append(chosen.patient_ids[pick])
         training.append(silo.members.images)
     return (
-        Candidates(torch.cat(images), np.concatenate(member), np.concatenate(hospital)),
+        Candidates(torch.cat(images), np.concatenate(member), np.concatenate(hospital), np.concatenate(patient)),
         torch.cat(training),
     )
 

@@ -113,6 +113,30 @@ def test_simulation_trains_accounts_and_releases(tmp_path):
     assert image.shape == (1, 16, 16, 1)
     assert fedgen_processes_left() == []
 
+    # The attacks read the run back: members and held-out images rebuilt from its records.
+    attacked = subprocess.run(
+        [FEDGEN, "attack", str(run), "--per-hospital", "8", "--samples", "8", "--batch-size", "16"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert attacked.returncode == 0, attacked.stdout + attacked.stderr
+    report = json.loads((run / "attack.json").read_text())
+    assert set(report["attacks"]) == {"loss", "pia", "pian", "secmi", "sima"}
+    for result in report["attacks"].values():
+        assert result["num_members"] == result["num_nonmembers"] == 16
+        assert 0.0 <= result["auc"] <= 1.0
+        assert result["epsilon_lb_clopper_pearson"] <= max(report["accountant_epsilon"].values())
+    assert set(report["hospitals"]) == {"0", "1"} and report["alarms"] == []
+    assert report["extraction"]["num_samples"] == 8
+    assert (run / "roc.png").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("attack/pia/auc", "attack/pia/tpr@1%fpr", "attack/pia/epsilon_lb", "privacy/epsilon_max",
+                "train/loss_mean", "utility/val_loss", "fl/clients_failed"):
+        assert tag in scalars, tag
+
 
 @pytest.mark.slow
 def test_a_failing_hospital_does_not_kill_the_round(tmp_path):
