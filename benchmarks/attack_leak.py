@@ -1,0 +1,116 @@
+"""Leak benchmark: train `experiment=leak` (no DP) and its twin `experiment=leak_dp` (epsilon 8),
+attack both, and write each attack's AUC, TPR@1%FPR and epsilon lower bound next to the
+accountant's epsilon, plus utility, wall times, and each attack's cost per image over the model
+forward passes it needs (1.0 = no overhead beyond the queries).
+
+Usage: python benchmarks/attack_leak.py [--out benchmarks/results/attack_leak.json] [--runs-dir DIR]
+Targets (issue 4): non-DP best AUC >= 0.9, DP twin AUC <= 0.6, lower bound never above epsilon,
+the whole benchmark <= 30 min on 2 CPU cores, attack cost / forward passes <= 1.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+FEDGEN = str(Path(sys.executable).parent / "fedgen")
+
+
+def run(command: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def attack_cost(run_dir: Path, batch_size: int = 64, images: int = 128) -> dict:
+    """Seconds per image of each attack over (queries per image x seconds per forward per image)."""
+    from attacks.membership import ATTACKS, build_attack
+    from attacks.targets import candidates_from_run, load_released
+
+    unet, scheduler = load_released(run_dir)
+    candidates, _ = candidates_from_run(run_dir, per_hospital=images // 4)
+    x = candidates.images[:images]
+    t = torch.full((batch_size,), 100)
+    with torch.no_grad():
+        unet(x[:batch_size], t)  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(x), batch_size):
+            unet(x[i : i + batch_size], t[: len(x[i : i + batch_size])])
+        forward_per_image = (time.perf_counter() - start) / len(x)
+    out = {}
+    for name in ATTACKS:
+        attack = build_attack(name)
+        start = time.perf_counter()
+        attack.score(unet, scheduler, x, batch_size)
+        per_image = (time.perf_counter() - start) / len(x)
+        out[name] = {
+            "seconds_per_image": per_image,
+            "queries_per_image": attack.queries_per_image,
+            "cost_over_forward_passes": per_image / (attack.queries_per_image * forward_per_image),
+        }
+    return out
+
+
+def summarise(run_dir: Path) -> dict:
+    report = json.loads((run_dir / "attack.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    attacks = {
+        name: {
+            "auc": r["auc"],
+            "auc_ci": r["auc_ci"],
+            "tpr_at_1pct_fpr": r["tpr_at_1pct_fpr"],
+            "epsilon_lb_clopper_pearson": r["epsilon_lb_clopper_pearson"],
+            "epsilon_lb_gdp": r["epsilon_lb_gdp"],
+        }
+        for name, r in report["attacks"].items()
+    }
+    return {
+        "accountant_epsilon": max(float(e) for e in report["accountant_epsilon"].values()),
+        "best_attack": report["best_attack"],
+        "best_auc": attacks[report["best_attack"]]["auc"],
+        "attacks": attacks,
+        "val_loss": metrics["summary"]["val_loss"],
+        "train_loss": metrics["summary"]["train_loss"],
+        "extraction_flagged": report["extraction"]["num_flagged"],
+        "dataset_p_values": {h: v.get("dataset_p_value") for h, v in report["hospitals"].items()},
+        "alarms": report["alarms"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/attack_leak.json")
+    parser.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temp dir)")
+    args = parser.parse_args()
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fedgen-leak-"))
+    started = time.perf_counter()
+    results: dict = {"runs_dir": str(runs_dir), "presets": {}}
+    for preset in ("leak", "leak_dp"):
+        name = f"bench-{preset}"
+        train_s = run([FEDGEN, "simulate", f"experiment={preset}", f"name={name}", f"runs_dir={runs_dir}"])
+        attack_s = run([FEDGEN, "attack", str(runs_dir / name), "--samples", "256"])
+        results["presets"][preset] = {**summarise(runs_dir / name), "train_seconds": train_s, "attack_seconds": attack_s}
+        print(f"{preset}: best AUC {results['presets'][preset]['best_auc']:.3f}, "
+              f"epsilon {results['presets'][preset]['accountant_epsilon']:.2f}, "
+              f"train {train_s:.0f} s, attack {attack_s:.0f} s", flush=True)
+    results["attack_cost"] = attack_cost(runs_dir / "bench-leak")
+    results["total_seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    for name, c in results["attack_cost"].items():
+        print(f"  {name}: {c['queries_per_image']} queries/image, cost over forward passes {c['cost_over_forward_passes']:.2f}")
+    print(f"total {results['total_seconds'] / 60:.1f} min; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

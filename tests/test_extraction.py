@@ -1,0 +1,45 @@
+"""Extraction criteria: a near-copy of a training image is flagged, a novel image is not."""
+
+import torch
+
+from attacks.extraction import ExtractionConfig, find_copies, generate, pairs_grid, unique_images
+
+
+def _training(n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, 1, 8, 8), generator=g) * 2 - 1
+
+
+def test_near_copies_are_flagged_and_novel_images_are_not():
+    training = _training()
+    g = torch.Generator().manual_seed(1)
+    copies = training[[3, 17]] + 0.01 * torch.randn((2, 1, 8, 8), generator=g)
+    novel = torch.rand((5, 1, 8, 8), generator=g) * 2 - 1
+    result = find_copies(torch.cat([copies, novel]), training, ExtractionConfig())
+    assert result.flagged_ratio == [0, 1] and result.flagged_normalised == [0, 1]
+    assert result.nearest[:2] == [3, 17]
+    pairs = pairs_grid(torch.cat([copies, novel]), training, result)
+    assert pairs.shape == (4, 1, 8, 8) and torch.equal(pairs[1], training[3])
+
+
+def test_duplicates_count_once():
+    training = _training(10)
+    doubled = torch.cat([training, training[:4]])
+    assert len(unique_images(doubled)) == 10
+    # With a duplicate left in, a copy of it would fail the ratio test (NN1 = NN2).
+    copy = training[:1]
+    assert find_copies(copy, doubled, ExtractionConfig()).flagged_ratio == []
+    assert find_copies(copy, unique_images(doubled), ExtractionConfig()).flagged_ratio == [0]
+
+
+def test_generate_batches_and_is_seeded():
+    cfg = ExtractionConfig(num_samples=10, batch_size=4, seed=3)
+    calls = []
+
+    def sample_fn(noise):
+        calls.append(len(noise))
+        return noise.clamp(-1, 1)
+
+    a = generate(sample_fn, (1, 4, 4), cfg, progress=False)
+    b = generate(sample_fn, (1, 4, 4), cfg, progress=False)
+    assert calls == [4, 4, 2, 4, 4, 2] and a.shape == (10, 1, 4, 4) and torch.equal(a, b)
