@@ -35,7 +35,7 @@ class AuditSettings:
     attacks: tuple[str, ...] = tuple(ATTACKS)
     # The dataset-level test uses one attack fixed in advance: picking the best one on the same
     # images would bias its p-value.
-    dataset_attack: str = "pia"
+    dataset_attack: str = "loss"
     per_hospital: int | None = None  # members (and as many non-members) per hospital; None = all
     batch_size: int = 64
     confidence: float = 0.95

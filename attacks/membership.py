@@ -70,10 +70,10 @@ def _require_positive(value: int | float, setting: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss attack. Defaults: intermediate t are the most revealing (Matsumoto et al. 2023, Fig. of
-    AUC against t; Carlini et al. 2023 likewise score at t around 100); six t from 50 to 300 cover
-    the range PIA and SecMI use, and two draws each give 12 queries, SecMI's budget. Averaging
-    several draws lowers the variance of the estimate (Hu & Pang 2023)."""
+    """Loss attack. Defaults: intermediate t are the most revealing (Matsumoto et al. 2023, who
+    plot AUC against t for T = 1000), so six t from 50 to 300, the range PIA and SecMI work in;
+    two fixed-seed draws each (averaging draws lowers the variance, Hu & Pang 2023) give 12
+    queries, SecMI's budget. p = 2 is the training loss."""
 
     timesteps: tuple[int, ...] = (50, 100, 150, 200, 250, 300)
     draws: int = 2  # fixed-seed noise draws per timestep
@@ -81,6 +81,7 @@ class LossConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "timesteps", tuple(self.timesteps))  # Hydra hands over lists
         _check_timesteps(self.timesteps, "loss.timesteps")
         _require_positive(self.draws, "loss.draws")
         _require_positive(self.p, "loss.p")
@@ -88,10 +89,10 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PiaConfig:
-    """PIA / PIAN. Defaults from Kong et al. (ICLR 2024): l4 distance (`lp=4` in kong13661/PIA
-    `DDPM/components.py`) and t = 200 for DDPM with T = 1000, the timestep the paper reports; the
-    repository's driver scans t = 10, 20, ..., 300 (`attack_num=30`, `interval=10`) and reports
-    the best, which an attacker without labels cannot do."""
+    """PIA / PIAN (Kong et al., ICLR 2024). p = 4: `lp=4` in kong13661/PIA `DDPM/components.py`.
+    t = 200: the DDPM (T = 1000) setting the project takes from the paper; the repository's driver
+    does not fix one, it scans t = 10, 20, ..., 300 (`attack_num=30`, `interval=10`) and prints
+    every AUC, i.e. picks t with the labels, which a real attacker cannot."""
 
     timestep: int = 200
     p: int = 4
@@ -129,10 +130,11 @@ class SecMIConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SimAConfig:
-    """SimA. Defaults from Rao et al. (TMLR 2025) and mx-ethan-rao/SimA `DDPM/components.py`:
-    ||eps_theta(x0, t)||_4^4, one query. The paper finds the signal strongest at small-to-moderate
-    t; its driver scans t = 0, 10, ..., 200 (`attack_num=20`, `interval=10`) and reports the best.
-    We fix t = 50 inside that range, before seeing labels (a fixed t is what a real attacker has)."""
+    """SimA (Rao et al., TMLR 2025; mx-ethan-rao/SimA `DDPM/components.py`):
+    ||eps_theta(x0, t)||_4^4, one query, p = 4 as in the reference. The paper finds the signal
+    strongest at early-to-moderate t; its driver scans t = 0, 10, ..., 200 (README: `attack_num
+    20`, `interval 10`) and reports the best AUC, i.e. picks t with the labels. We fix t = 50
+    inside that range, chosen before any experiment here (a fixed t is what a real attacker has)."""
 
     timestep: int = 50
     p: int = 4
@@ -156,7 +158,8 @@ class MembershipAttack(ABC, Generic[C]):
             config = self.config_class()
         if not isinstance(config, self.config_class):
             raise TypeError(
-                f"{self.name}: config must be {self.config_class.__name__}, got {type(config).__name__}"
+                f"{self.name}: config must be {self.config_class.__name__}, "
+                f"got {type(config).__name__}"
             )
         self.config: C = config
 
@@ -173,8 +176,8 @@ class MembershipAttack(ABC, Generic[C]):
     def _score_batch(
         self, eps: EpsModel, abar: torch.Tensor, x0: torch.Tensor, keys: Sequence[str]
     ) -> torch.Tensor:
-        """Scores [B] (higher = member) for x0 [B,C,H,W]; abar [T] float64 on x0's device;
-        keys: one pixel hash per image, for seeding its noise."""
+        """Scores [B] (higher = member) for x0 [B,C,H,W]; abar [T] float64 on the CPU (read as
+        scalars); keys: one pixel hash per image, for seeding its noise."""
 
     def score(
         self,
@@ -195,10 +198,11 @@ class MembershipAttack(ABC, Generic[C]):
         num_t = abar_all.shape[0]
         if self._max_timestep() >= num_t:
             raise ValueError(
-                f"{self.name}: timestep {self._max_timestep()} is outside the schedule's {num_t} steps"
+                f"{self.name}: timestep {self._max_timestep()} is outside the schedule's "
+                f"{num_t} steps"
             )
         device, dtype = _device_and_dtype(unet)
-        abar = abar_all.to(device=device, dtype=torch.float64)
+        abar = abar_all.to(device="cpu", dtype=torch.float64)  # float64: not on every device
         keys = [_pixel_key(x) for x in images]
         out = np.empty(images.shape[0], dtype=np.float64)
         was_training = unet.training
@@ -209,9 +213,15 @@ class MembershipAttack(ABC, Generic[C]):
             return unet(x, t_vec, return_dict=False)[0]
 
         try:
-            with torch.no_grad(), tqdm(
-                total=images.shape[0], desc=f"attack/{self.name}", disable=not progress, leave=False
-            ) as bar:
+            with (
+                torch.no_grad(),
+                tqdm(
+                    total=images.shape[0],
+                    desc=f"attack/{self.name}",
+                    disable=not progress,
+                    leave=False,
+                ) as bar,
+            ):
                 for start in range(0, images.shape[0], batch_size):
                     stop = min(start + batch_size, images.shape[0])
                     x0 = images[start:stop].to(device=device, dtype=dtype)
@@ -224,7 +234,7 @@ class MembershipAttack(ABC, Generic[C]):
 
 
 def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where the model's weights live (its first parameter, else buffer; a weightless model: CPU)."""
+    """Where the model's weights live: its first float parameter, else buffer, else the CPU."""
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point():
             return tensor.device, tensor.dtype
@@ -235,7 +245,9 @@ def _check_images(images: Any) -> None:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be [N, C, H, W] with N >= 1, got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be [N, C, H, W] with N >= 1, got shape {tuple(images.shape)}"
+        )
     if not torch.isfinite(images).all():
         raise ValueError("images contain NaN/inf")
     if images.abs().max() > 1 + _RANGE_TOLERANCE:
@@ -246,14 +258,18 @@ def _check_images(images: Any) -> None:
 
 
 def _pixel_key(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(
+        x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    ).hexdigest()[:16]
 
 
 def _noise(keys: Sequence[str], seed: int, count: int, like: torch.Tensor) -> torch.Tensor:
     """[B, count, C, H, W] standard normal noise, each image's from its own (seed, key) stream."""
     shape = (count, *like.shape[1:])
     draws = [
-        torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed("membership", seed, k)))
+        torch.randn(
+            shape, generator=torch.Generator().manual_seed(derive_seed("membership", seed, k))
+        )
         for k in keys
     ]
     return torch.stack(draws).to(device=like.device, dtype=like.dtype)
@@ -292,13 +308,15 @@ class LossAttack(MembershipAttack[LossConfig]):
     def _max_timestep(self) -> int:
         return max(self.config.timesteps)
 
-    def _score_batch(self, eps, abar, x0, keys):
+    def _score_batch(
+        self, eps: EpsModel, abar: torch.Tensor, x0: torch.Tensor, keys: Sequence[str]
+    ) -> torch.Tensor:
         cfg = self.config
         noise = _noise(keys, cfg.seed, self.queries_per_image, x0)  # [B, T*K, C, H, W]
-        total = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+        total = torch.zeros(x0.shape[0], dtype=torch.float32, device=x0.device)
         for j, t in enumerate(t for t in cfg.timesteps for _ in range(cfg.draws)):
             e = noise[:, j]
-            total += _lp(eps(_q_sample(x0, e, abar[t]), t) - e, cfg.p).double()
+            total += _lp(eps(_q_sample(x0, e, abar[t]), t) - e, cfg.p).float()
         return -total / self.queries_per_image
 
 
@@ -316,7 +334,9 @@ class PiaAttack(MembershipAttack[PiaConfig]):
     def _eps0(self, eps: EpsModel, x0: torch.Tensor) -> torch.Tensor:
         return eps(x0, 0)
 
-    def _score_batch(self, eps, abar, x0, keys):
+    def _score_batch(
+        self, eps: EpsModel, abar: torch.Tensor, x0: torch.Tensor, keys: Sequence[str]
+    ) -> torch.Tensor:
         t = self.config.timestep
         eps0 = self._eps0(eps, x0)
         return -_lp(eps(_q_sample(x0, eps0, abar[t]), t) - eps0, self.config.p)
@@ -345,7 +365,9 @@ class SecMIAttack(MembershipAttack[SecMIConfig]):
     def _max_timestep(self) -> int:
         return self.config.t_sec + self.config.k
 
-    def _score_batch(self, eps, abar, x0, keys):
+    def _score_batch(
+        self, eps: EpsModel, abar: torch.Tensor, x0: torch.Tensor, keys: Sequence[str]
+    ) -> torch.Tensor:
         cfg = self.config
         x = x0
         for t in range(0, cfg.t_sec, cfg.interval):
@@ -366,7 +388,9 @@ class SimAAttack(MembershipAttack[SimAConfig]):
     def _max_timestep(self) -> int:
         return self.config.timestep
 
-    def _score_batch(self, eps, abar, x0, keys):
+    def _score_batch(
+        self, eps: EpsModel, abar: torch.Tensor, x0: torch.Tensor, keys: Sequence[str]
+    ) -> torch.Tensor:
         return -_lp(eps(x0, self.config.timestep), self.config.p)
 
 
@@ -383,7 +407,9 @@ def build_attack(name: str, config: Any = None) -> MembershipAttack[Any]:
 
 
 def _json_config(config: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
 
 
 def run_attacks(
@@ -458,8 +484,9 @@ def dataset_inference(
     images' scores come from the same distribution as those of images known not to be in training;
     H1 (one-sided): suspects score higher. Small p = evidence the set was used.
 
-    - "welch" (default, as in the references): Welch's unequal-variance t-test on the means; needs
-      roughly normal means (the central limit theorem, with a few tens of images per side).
+    - "welch" (default; the t-test of Maini et al., which Dubinski et al. adopt): Welch's
+      unequal-variance t-test on the means; needs roughly normal means (the central limit
+      theorem, with a few tens of images per side).
     - "mannwhitney": Mann-Whitney U, rank-based, no normality, tests stochastic dominance.
 
     Both assume (1) the reference images are drawn from the same distribution as the suspect set
