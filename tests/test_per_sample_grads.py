@@ -6,7 +6,7 @@ import torch
 from fedgen.config import ModelConfig
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.model import build_scheduler, build_unet
-from fedgen.per_sample_grads import per_sample_gradients
+from fedgen.per_sample_grads import _vmap_gradients, per_sample_gradients
 
 # Every block type the presets use: plain and attention down/up blocks, mid-block attention.
 ATTENTION_EVERYWHERE = ModelConfig(
@@ -42,13 +42,17 @@ def _loop_gradients(unet, diffusion, x0, t, eps):
     return per_example
 
 
+METHODS = {"layer-rules": per_sample_gradients, "vmap": _vmap_gradients}
+
+
 @pytest.mark.parametrize(
     "model_cfg", [ModelConfig(), ATTENTION_EVERYWHERE], ids=["tiny-preset", "attention-blocks"]
 )
-@pytest.mark.parametrize("draws", [1, 3])
-def test_per_sample_gradients_equal_one_example_loop(model_cfg, draws):
-    unet, diffusion, x0, t, eps = _setup(model_cfg, batch=3, draws=draws)
-    grads, losses = per_sample_gradients(unet, diffusion, x0, t, eps)
+@pytest.mark.parametrize("draws,batch", [(1, 3), (3, 3), (2, 1)], ids=["K1-B3", "K3-B3", "K2-B1"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_per_sample_gradients_equal_one_example_loop(model_cfg, draws, batch, method):
+    unet, diffusion, x0, t, eps = _setup(model_cfg, batch=batch, draws=draws)
+    grads, losses = METHODS[method](unet, diffusion, x0, t, eps)
     reference = _loop_gradients(unet, diffusion, x0, t, eps)
     names = [n for n, _ in unet.named_parameters()]
     assert set(grads) == set(names), "a trainable parameter has no per-sample gradient"
