@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from attacks.dataset_inference import dataset_inference
 from attacks.empirical_epsilon import one_run_epsilon_lb_best
 from attacks.extraction import ExtractionConfig, find_copies, generate, pairs_grid, unique_images
-from attacks.membership import ATTACKS, build_attack, dataset_inference
+from attacks.membership import ATTACKS, build_attack
 from attacks.metrics import AttackResult, evaluate_scores
 from attacks.targets import candidates_from_run, load_released, load_run_config
 from fedgen.diffusion import sample_images

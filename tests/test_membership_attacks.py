@@ -17,14 +17,13 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
+from attacks.dataset_inference import DATASET_TESTS, dataset_inference
 from attacks.membership import (
     ATTACKS,
-    DATASET_TESTS,
     LossConfig,
     PiaConfig,
     SecMIConfig,
     build_attack,
-    dataset_inference,
     run_attacks,
 )
 from attacks.metrics import auc
