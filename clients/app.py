@@ -10,20 +10,28 @@ from flwr.clientapp import ClientApp
 from fedgen.config import load_config, overrides_from_run_config
 from fedgen.hospital import Hospital, silos_for
 from fedgen.run_dir import RunDir
+from fedgen.site import site_home, site_silo
 
 app = ClientApp()
 _hospitals: dict[tuple, Hospital] = {}
 
 
 def hospital_for(context: Context) -> Hospital:
-    """The hospital this node serves. One simulated worker may serve several: cache each."""
+    """The hospital this node serves. One simulated worker may serve several: cache each.
+
+    A deployed SuperNode names its own `data-dir` (and optionally `data-path`) in its node config:
+    its ledger and records then live there (`fedgen.site`), never in the coordinator's run dir."""
     overrides = overrides_from_run_config(context.run_config)
-    partition = int(context.node_config["partition-id"])
-    key = (tuple(overrides), str(context.run_config["run-dir"]), partition)
+    node = context.node_config
+    partition = int(node["partition-id"])
+    key = (tuple(overrides), str(context.run_config["run-dir"]), partition, str(node.get("data-dir", "")))
     if key not in _hospitals:
         cfg = load_config(overrides)
-        silo = silos_for(cfg)[partition]
-        home = str(context.node_config.get("hospital-home") or RunDir(key[1]).hospital_home(partition))
+        if node.get("data-dir"):
+            silo, home = site_silo(cfg, partition, node), str(site_home(str(node["data-dir"]), cfg.name))
+        else:
+            silo = silos_for(cfg)[partition]
+            home = str(node.get("hospital-home") or RunDir(key[1]).hospital_home(partition))
         _hospitals[key] = Hospital(cfg, silo, home)
     return _hospitals[key]
 

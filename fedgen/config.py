@@ -77,6 +77,7 @@ class FederationConfig:
     num_rounds: int = 5
     fraction_train: float = 1.0  # share of hospitals sampled per round
     min_train_nodes: int = 1  # fewer successful replies than this fails the round
+    min_available_nodes: int = 0  # wait for this many connected hospitals before each round (0: min_train_nodes)
     local_epochs: int = 1
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam
     proximal_mu: float = 0.01  # fedprox
@@ -221,6 +222,11 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _require(0.0 <= f.duplicate_fraction <= 1.0, "federation.duplicate_fraction", "must be in [0, 1]")
     _require(f.duplicate_times >= 0, "federation.duplicate_times", "must be >= 0")
+    _require(
+        0 <= f.min_available_nodes <= f.num_hospitals,
+        "federation.min_available_nodes",
+        f"must be in [0, num_hospitals={f.num_hospitals}], got {f.min_available_nodes}",
+    )
     _require(f.round_timeout > 0, "federation.round_timeout", f"must be > 0 seconds, got {f.round_timeout}")
     _require(cfg.audit.canaries >= 0, "audit.canaries", f"must be >= 0, got {cfg.audit.canaries}")
 

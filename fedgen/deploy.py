@@ -77,9 +77,9 @@ def superlink_command(certs: Path | None, host: str, port: int, database: Path) 
 def _toml_string(value: str | Path) -> str:
     # Flower splits --node-config on spaces outside quotes and reads each value as TOML.
     text = str(value)
-    if "'" in text:
-        raise DeploymentError(f"a path with a single quote cannot go into the node config: {text}")
-    return f"'{text}'"
+    if '"' in text or "\\" in text:
+        raise DeploymentError(f"a path with a double quote or backslash cannot go into the node config: {text}")
+    return f'"{text}"'
 
 
 def node_config(partition: int, num_partitions: int, data_dir: Path, data_path: str | None = None,
@@ -126,25 +126,37 @@ def flwr_json(args: list[str], env: dict[str, str], timeout: float = 60) -> dict
         return {"success": False, "error-message": (done.stdout + done.stderr).strip()[-2000:]}
 
 
-def online_nodes(env: dict[str, str]) -> list[str]:
+def node_status(env: dict[str, str]) -> dict[str, str]:
+    """{node id: 'registered' | 'online' | 'offline' ...} as the SuperLink sees its SuperNodes."""
     listing = flwr_json(["supernode", "ls", CONNECTION], env)
-    return [n["node-id"] for n in listing.get("nodes", []) if n.get("status") == "online"]
+    if not listing.get("success", False):
+        raise DeploymentError(f"cannot list the SuperNodes: {listing.get('error-message', listing)}")
+    return {str(n["node-id"]): str(n.get("status")) for n in listing.get("nodes", [])}
+
+
+def online_nodes(env: dict[str, str]) -> list[str]:
+    return [node for node, status in node_status(env).items() if status == "online"]
 
 
 def wait_for_nodes(env: dict[str, str], wanted: int, timeout: float, echo=print) -> None:
     """Block until `wanted` SuperNodes are online: Flower samples each round from whoever is
     connected, so a federation started early would train round 1 without the late hospitals."""
-    deadline, last = time.time() + timeout, -1
+    deadline, last, online, problem = time.time() + timeout, "", [], ""
     while True:
-        online = online_nodes(env)
+        try:
+            online, problem = online_nodes(env), ""
+        except DeploymentError as err:  # the SuperLink may still be starting
+            problem = str(err)
         if len(online) >= wanted:
             return
-        if len(online) != last:
-            echo(f"waiting for hospitals: {len(online)}/{wanted} SuperNodes online")
-            last = len(online)
+        news = problem or f"waiting for hospitals: {len(online)}/{wanted} SuperNodes online"
+        if news != last:
+            echo(news)
+            last = news
         if time.time() > deadline:
             raise DeploymentError(f"only {len(online)} of {wanted} SuperNodes came online within "
-                                  f"{timeout:.0f} s (see `flwr supernode ls`); lower --min-nodes to start anyway")
+                                  f"{timeout:.0f} s (see `flwr supernode ls`); lower --min-nodes to start "
+                                  f"anyway. {problem}")
         time.sleep(2)
 
 
@@ -255,18 +267,16 @@ def _superlink(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    import tempfile
-
-    ca = _security(args)
-    with tempfile.TemporaryDirectory(prefix="fedgen-flwr-") as home:
-        if args.print_only:
-            env = flower_environment(Path(home))
-            for key in args.public_keys:
-                print(shown([executable("flwr"), "supernode", "register", str(Path(key).resolve()), CONNECTION], env))
-            return 0
-        ids = register([Path(k) for k in args.public_keys], args.superlink, ca, Path(home))
+    ca, home = _security(args), Path(args.flwr_home).resolve()
+    if args.print_only:
+        env = cli_environment(home, args.superlink, ca)
+        for key in args.public_keys:
+            print(shown([executable("flwr"), "supernode", "register", str(Path(key).resolve()), CONNECTION], env))
+        return 0
+    ids = register([Path(k) for k in args.public_keys], args.superlink, ca, home)
     for key, node in zip(args.public_keys, ids):
         print(f"registered {key}: node {node}")
+    print(f"list them: FLWR_HOME={home} flwr supernode ls {CONNECTION}")
     return 0
 
 
@@ -332,6 +342,7 @@ def add_deploy_commands(commands) -> None:
 
     p = sub.add_parser("register", help="register SuperNode public keys at the SuperLink")
     p.add_argument("public_keys", nargs="+")
+    p.add_argument("--flwr-home", default="flower-cli", help="FLWR_HOME for the flwr CLI's connection")
     connection(p)
     p.set_defaults(run=_errors(_register))
 

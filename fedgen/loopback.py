@@ -10,24 +10,29 @@ namespaces are removed, also on failure.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from fedgen.certificates import CertificateFiles, make_certificates
 from fedgen.deploy import (
+    DeploymentError,
     cli_environment,
     deploy_run,
     node_config,
+    node_status,
     online_nodes,
     register,
     superlink_command,
     supernode_command,
     wait_for_nodes,
 )
-from fedgen.processes import ProcessGroup, free_port, wait_until_healthy
+from fedgen.processes import ProcessGroup, alive, free_port, tagged, wait_until_healthy
 from fedgen.simulate import flower_environment
 
 
@@ -61,12 +66,20 @@ class Namespaces:
         return None
 
     def open(self) -> Namespaces:
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _create(self) -> None:
         _ip("link", "add", self.bridge, "type", "bridge")
         self.created.append(("link", "del", self.bridge))
         _ip("addr", "add", f"{self.host}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for i, name in enumerate(self.names):
-            outside, inside = f"{self.bridge}v{i}", f"eth{i}"
+            outside, inside = f"{self.bridge}v{i}", f"{self.bridge}h{i}"  # unique names: made in the root namespace
             _ip("netns", "add", name)
             self.created.append(("netns", "del", name))
             _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
@@ -77,7 +90,6 @@ class Namespaces:
             _ip("-n", name, "addr", "add", f"{self.address(i)}/24", "dev", inside)
             _ip("-n", name, "link", "set", inside, "up")
             _ip("-n", name, "link", "set", "lo", "up")  # the SuperNode's own local APIs
-        return self
 
     def address(self, hospital: int) -> str:
         return str(self.net[hospital + 2])
@@ -104,11 +116,18 @@ class LoopbackFederation:
         self.port = free_port()
         self.address = f"{self.host}:{self.port}"
         self.certs = CertificateFiles(self.workdir / "certs")
-        if not self.certs.ca.exists():
-            make_certificates(self.certs.root, num_nodes, hosts=[self.host])
-        self.env = cli_environment(self.workdir / "cli", self.address, self.certs.ca)
+        try:
+            if not self.certs.ca.exists():
+                make_certificates(self.certs.root, num_nodes, hosts=[self.host])
+            self.env = cli_environment(self.workdir / "cli", self.address, self.certs.ca)
+        except BaseException:
+            if self.netns:
+                self.netns.close()
+            raise
         self.superlink: ProcessGroup | None = None
         self.nodes: dict[int, ProcessGroup] = {}
+        self.groups: list[ProcessGroup] = []  # every group ever started, to check none is left
+        self.node_ids: list[str] = []  # Flower's id of hospital i's SuperNode, once registered
 
     def data_dir(self, hospital: int) -> Path:
         return self.workdir / f"hospital-{hospital}"
@@ -116,35 +135,57 @@ class LoopbackFederation:
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
 
+    def _group(self, env: dict[str, str]) -> ProcessGroup:
+        group = ProcessGroup(env)
+        self.groups.append(group)
+        return group
+
+    def submit(self, overrides: list[str], log_name: str) -> subprocess.Popen:
+        """`fedgen deploy run` in the background, its output in logs/<log_name>.log."""
+        group = self._group(dict(os.environ))
+        command = [str(Path(sys.executable).parent / "fedgen"), "deploy", "run", "--superlink", self.address,
+                   "--ca", str(self.certs.ca), *overrides]
+        return group.start(command, log_path=self.log(log_name))
+
     def start_superlink(self) -> None:
+        """Start the SuperLink (again, after a crash: same port, same database)."""
         state = self.workdir / "superlink"
         state.mkdir(exist_ok=True)
-        self.superlink = ProcessGroup(flower_environment(state / "flower"))
+        self.superlink = self._group(flower_environment(state / "flower"))
         command = superlink_command(self.certs.root, self.host, self.port, state / "state.db")
         proc = self.superlink.start(command, log_path=self.log("superlink"))
         wait_until_healthy(f"https://{self.address}/health", proc, timeout=120, cafile=self.certs.ca)
 
-    def register_nodes(self) -> list[str]:
-        keys = [self.certs.node_public_key(i) for i in range(self.num_nodes)]
-        return register(keys, self.address, self.certs.ca, self.workdir / "cli", echo=lambda _: None)
+    def crash_superlink(self) -> None:
+        """SIGKILL the SuperLink and everything under it (the ServerApp), as a coordinator crash."""
+        assert self.superlink is not None
+        self.superlink.stop(crash=True)
+        self.superlink = None
 
-    def supernode(self, hospital: int, key: Path | None = None, ca: Path | None | str = "default",
-                  max_retries: int | None = None):
-        """Start hospital `hospital`'s SuperNode (its own key and data dir unless told otherwise)."""
+    def register_nodes(self) -> None:
+        keys = [self.certs.node_public_key(i) for i in range(self.num_nodes)]
+        self.node_ids = register(keys, self.address, self.certs.ca, self.workdir / "cli", echo=lambda _: None)
+
+    def supernode(self, hospital: int, key: Path | None = None, tls: str = "ca", max_retries: int | None = None,
+                  name: str | None = None):
+        """Start hospital `hospital`'s SuperNode with its own key and data dir. For the refusal
+        tests: another `key`, `tls="system"` (TLS without the federation's CA) or `tls="none"`."""
         data_dir = self.data_dir(hospital)
         data_dir.mkdir(exist_ok=True)
-        ca_file = self.certs.ca if ca == "default" else ca
         command = supernode_command(
-            self.address, None if ca_file is None else Path(ca_file), key or self.certs.node_key(hospital),
+            self.address, None if tls == "none" else self.certs.ca, key or self.certs.node_key(hospital),
             node_config(hospital, self.num_nodes, data_dir),
             port=9094 if self.netns else free_port(),  # in its own namespace each node has port 9094
         )
+        if tls == "system":
+            at = command.index("--root-certificates")
+            del command[at : at + 2]
         if max_retries is not None:
             command += ["--max-retries", str(max_retries)]
         if self.netns:
             command = self.netns.prefix(hospital) + command
-        group = ProcessGroup(flower_environment(data_dir / "flower"))
-        proc = group.start(command, log_path=self.log(f"supernode-{hospital}"))
+        group = self._group(flower_environment(data_dir / "flower"))
+        proc = group.start(command, log_path=self.log(name or f"supernode-{hospital}"))
         return group, proc
 
     def start_node(self, hospital: int) -> None:
@@ -158,6 +199,12 @@ class LoopbackFederation:
 
     def online(self) -> list[str]:
         return online_nodes(self.env)
+
+    def status(self, hospital: int) -> str:
+        try:
+            return node_status(self.env).get(self.node_ids[hospital], "unknown")
+        except DeploymentError:
+            return "unknown"
 
     def wait_online(self, count: int, timeout: float = 180) -> None:
         wait_for_nodes(self.env, count, timeout, echo=lambda _: None)
@@ -179,12 +226,16 @@ class LoopbackFederation:
         return "\n".join(parts)
 
     def close(self) -> None:
-        for group in [*self.nodes.values(), *([self.superlink] if self.superlink else [])]:
+        for group in reversed(self.groups):  # coordinators, SuperNodes, then the SuperLink
             group.stop()
         self.nodes.clear()
         self.superlink = None
         if self.netns:
             self.netns.close()
+
+    def leftovers(self) -> list[int]:
+        """Processes this federation started that are still alive (after `close()`: none)."""
+        return [pid for group in self.groups for pid in tagged(group.tag) if alive(pid)]
 
     def __enter__(self) -> LoopbackFederation:
         return self
@@ -206,10 +257,14 @@ def run_demo(overrides: list[str], num_nodes: int | None = None, workdir: str | 
         echo(f"SuperLink https://{federation.address} (TLS, node authentication); "
              f"{nodes} SuperNodes; logs in {federation.logs}")
         try:
+            started = time.perf_counter()
             federation.start()
+            ready = time.perf_counter()
             result = deploy_run(overrides, federation.address, federation.certs.ca, echo=echo)
         except BaseException:
             echo(federation.tails())
             raise
     echo(f"hospital ledgers: {', '.join(str(federation.data_dir(h) / 'fedgen') for h in range(nodes))}")
+    echo(f"wall time: {ready - started:.1f} s to start the SuperLink and SuperNodes, "
+         f"{time.perf_counter() - ready:.1f} s for `fedgen deploy run`")
     return result

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from fedgen.config import ExperimentConfig, load_config, overrides_from_run_config
 from fedgen.coordinator import Coordinator
 from fedgen.run_dir import RunDir
+from fedgen.update_checks import EVALUATE_METRIC_KEYS, metrics_problem
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 
@@ -29,11 +30,13 @@ class Reporting:
 
     coordinator: Coordinator
     round_offset: int
+    instructions: list[Message]  # this round's training instructions, as sent
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
         config["fedgen-round"] = self.round_offset + server_round
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self.coordinator.begin_round(self.round_offset + server_round, sampled=len(messages))
+        self.instructions = messages  # Flower sets their message ids when it sends them
         return messages
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -41,31 +44,66 @@ class Reporting:
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        accepted = []
+        replies = list(replies)
+        fed = self.coordinator.cfg.federation
+        # Go by the instruction a reply answers: for a node it lost, the SuperLink itself sends
+        # the error reply (from its own node id).
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.instructions}
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for message_id, node in sent_to.items():
+            if message_id not in answered:  # too slow for the round, or gone without a trace
+                self.coordinator.record_failure(node, f"no reply within federation.round_timeout ({fed.round_timeout:g} s)")
+        accepted: list[Message] = []
+        seen: set[int] = set()
         for msg in replies:
+            node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
-                self.coordinator.record_failure(msg.metadata.src_node_id, str(msg.error.reason))
+                self.coordinator.record_failure(node, str(msg.error.reason))
                 continue
-            metrics = dict(msg.content.metric_records["metrics"])
-            hospital = int(cast(int, metrics["hospital"]))
-            update = msg.content.array_records["arrays"].to_torch_state_dict()
-            problem = self.coordinator.check_update(update)
-            if problem:
-                self.coordinator.record_rejection(hospital, problem)
+            hospital, problem = self._check_train_reply(msg, seen)
+            if problem or hospital is None:  # (no hospital number only comes with a problem)
+                self.coordinator.record_rejection(hospital, str(problem), node=node)
                 continue
-            self.coordinator.record_train(hospital, metrics)
+            seen.add(hospital)
+            self.coordinator.record_train(hospital, dict(msg.content.metric_records["metrics"]))
             accepted.append(msg)
-        if not accepted:
-            _say(f"round {self.round_offset + server_round}: no usable update; the global model is unchanged")
+        if len(accepted) < fed.min_train_nodes:
+            _say(f"round {self.round_offset + server_round}: {len(accepted)} usable update(s), fewer than "
+                 f"federation.min_train_nodes={fed.min_train_nodes}; the global model is unchanged")
+            accepted = []
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
+    def _check_train_reply(self, msg: Message, seen: set[int]) -> tuple[int | None, str | None]:
+        """(reported hospital, why the reply must be dropped or None). Nothing in a reply is trusted:
+        a malformed one is rejected here instead of crashing the aggregation."""
+        content = msg.content
+        if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
+            return None, (f"malformed reply (array records {sorted(content.array_records)}, "
+                          f"metric records {sorted(content.metric_records)})")
+        metrics = dict(content.metric_records["metrics"])
+        problem = metrics_problem(metrics, self.coordinator.cfg.federation.num_hospitals)
+        if problem:
+            return None, problem
+        hospital = int(cast(int, metrics["hospital"]))
+        if hospital in seen:
+            return hospital, f"hospital {hospital} already sent an update this round"
+        try:
+            update = content.array_records["arrays"].to_torch_state_dict()
+        except Exception as err:  # a hostile payload may not even decode
+            return hospital, f"unreadable arrays ({type(err).__name__}: {err})"
+        return hospital, self.coordinator.check_update(update)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        usable = []
         for msg in replies:
-            if not msg.has_error():
-                metrics = dict(msg.content.metric_records["metrics"])
-                self.coordinator.record_evaluate(int(cast(int, metrics["hospital"])), metrics)
-        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+            if msg.has_error() or set(msg.content.metric_records) != {"metrics"}:
+                continue
+            metrics = dict(msg.content.metric_records["metrics"])
+            hospital = metrics.get("hospital")
+            if set(metrics) == EVALUATE_METRIC_KEYS and isinstance(hospital, int):
+                self.coordinator.record_evaluate(hospital, metrics)
+                usable.append(msg)
+        return super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
 
 
 def make_strategy(cfg: ExperimentConfig, coordinator: Coordinator):
@@ -76,7 +114,7 @@ def make_strategy(cfg: ExperimentConfig, coordinator: Coordinator):
         fraction_evaluate=1.0 if cfg.data.validation_fraction > 0 else 0.0,
         min_train_nodes=fed.min_train_nodes,
         min_evaluate_nodes=fed.min_train_nodes,
-        min_available_nodes=fed.min_train_nodes,
+        min_available_nodes=max(fed.min_available_nodes, fed.min_train_nodes),
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
@@ -85,6 +123,7 @@ def make_strategy(cfg: ExperimentConfig, coordinator: Coordinator):
     strategy = type(f"Reporting{base.__name__}", (Reporting, base), {})(**kwargs)
     strategy.coordinator = coordinator
     strategy.round_offset = coordinator.start_round
+    strategy.instructions = []
     return strategy
 
 
@@ -110,6 +149,7 @@ def main(grid: Grid, context: Context) -> None:
             train_config=ConfigRecord({}),
             evaluate_config=ConfigRecord({}),
             evaluate_fn=after_round,
+            timeout=cfg.federation.round_timeout,
         )
     pipeline = coordinator.finish()
     _say(f"released the global model as a diffusers pipeline: {pipeline}")

@@ -87,18 +87,25 @@ def test_metrics_problem():
     assert "positive" in metrics_problem({**good_metrics(0), "num-examples": 0}, 3)
 
 
-def reply(node: int, content: RecordDict | None = None, error: Error | None = None) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"reply-{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id=f"ins-{node}", group_id="1", created_at=time.time(),
-                        ttl=3600.0, message_type="train")
-    if error is not None:
-        return Message(error, metadata=metadata)
-    return Message(content, metadata=metadata)
+def instruction(node: int) -> Message:
+    metadata = Metadata(run_id=7, message_id="", src_node_id=1, dst_node_id=node, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+    msg = Message(RecordDict(), metadata=metadata)
+    msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's Grid does when it sends it
+    return msg
 
 
-def train_reply(node: int, hospital: int, state: dict, metrics: dict | None = None) -> Message:
+def train_reply(ins: Message, hospital: int, state: dict, metrics: dict | None = None) -> Message:
     metrics = metrics if metrics is not None else good_metrics(hospital)
-    return reply(node, RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}))
+    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)}), reply_to=ins)
+
+
+def superlink_error(ins: Message) -> Message:
+    """What the SuperLink answers for a node that stopped sending heartbeats: from its own id."""
+    metadata = Metadata(run_id=ins.metadata.run_id, message_id="", src_node_id=1, dst_node_id=1,
+                        reply_to_message_id=ins.metadata.message_id, group_id="", created_at=time.time(),
+                        ttl=60.0, message_type="train")
+    return Message(Error(code=1, reason="Node Unavailable"), metadata=metadata)
 
 
 def make(tmp_path, name="bad"):
@@ -112,9 +119,10 @@ def test_bad_updates_never_reach_the_global_model(tmp_path, global_state):
     before = coordinator.global_state()
     assert all(torch.equal(before[k], global_state[k]) for k in before)
     kinds = list(KINDS)
-    replies = [train_reply(100 + i, i % 3, poisoned(before, kind)) for i, kind in enumerate(kinds)]
+    strategy.instructions = [instruction(100 + i) for i in range(len(kinds))]
+    replies = [train_reply(ins, i % 3, poisoned(before, kind))
+               for i, (ins, kind) in enumerate(zip(strategy.instructions, kinds))]
     coordinator.begin_round(1, sampled=len(replies))
-    strategy.waiting_for = {100 + i for i in range(len(kinds))}
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
@@ -135,17 +143,21 @@ def test_a_good_update_is_averaged_without_the_bad_ones(tmp_path):
     coordinator, strategy = make(tmp_path)
     before = coordinator.global_state()
     good = shifted(before, 1e-3)
+    ins = {node: instruction(node) for node in range(11, 20)}
+    strategy.instructions = list(ins.values())
     replies = [
-        train_reply(1, 0, good),
-        train_reply(2, 1, poisoned(before, "nan")),
-        train_reply(3, 2, poisoned(before, "norm")),
-        train_reply(4, 1, good, metrics={**good_metrics(1), "num-examples": 1e12, "extra": 1.0}),
-        train_reply(5, 0, shifted(before, 2e-3)),  # a second update claiming hospital 0
-        reply(6, RecordDict({"metrics": MetricRecord(good_metrics(2))})),  # no arrays at all
-        reply(7, error=Error(code=0, reason="ledger unreadable")),
+        train_reply(ins[11], 0, good),
+        train_reply(ins[12], 1, poisoned(before, "nan")),
+        train_reply(ins[13], 2, poisoned(before, "norm")),
+        train_reply(ins[14], 1, good, metrics={**good_metrics(1), "num-examples": 1e12, "extra": 1.0}),
+        train_reply(ins[15], 0, shifted(before, 2e-3)),  # a second update claiming hospital 0
+        Message(RecordDict({"metrics": MetricRecord(good_metrics(2))}), reply_to=ins[16]),  # no arrays
+        train_reply(ins[17], 2, good, metrics={**good_metrics(2), "num-examples": -5}),
+        Message(Error(code=0, reason="ledger unreadable"), reply_to=ins[18]),
+        superlink_error(ins[19]),
     ]
-    coordinator.begin_round(1, sampled=8)
-    strategy.waiting_for = set(range(1, 9))  # node 8 never answers
+    replies = replies[:-2] + replies[-1:]  # node 18 never answers
+    coordinator.begin_round(1, sampled=len(ins))
 
     arrays, _ = strategy.aggregate_train(1, replies)
 
@@ -154,6 +166,20 @@ def test_a_good_update_is_averaged_without_the_bad_ones(tmp_path):
         assert torch.allclose(averaged[key].to(value.dtype), value, rtol=0, atol=1e-6), key
     record = coordinator.current
     assert set(record["train"]) == {0}
-    assert sorted(r["node"] for r in record["rejected"]) == [2, 3, 4, 5, 6]
-    assert sorted(f["node"] for f in record["failures"]) == [7, 8]
-    assert any("round_timeout" in f["reason"] for f in record["failures"])
+    assert sorted(r["node"] for r in record["rejected"]) == [12, 13, 14, 15, 16, 17]
+    assert {f["node"]: f["reason"] for f in record["failures"]} == {
+        18: "no reply within federation.round_timeout (3600 s)", 19: "Node Unavailable"}
+
+
+def test_fewer_usable_updates_than_min_train_nodes_leave_the_model_unchanged(tmp_path):
+    cfg = load_config([*TINY, f"runs_dir={tmp_path}", "name=few", "federation.min_train_nodes=2"])
+    coordinator = Coordinator(cfg, RunDir(tmp_path / "few"), log=lambda _: None)
+    strategy = make_strategy(cfg, coordinator)
+    before = coordinator.global_state()
+    strategy.instructions = [instruction(1), instruction(2)]
+    replies = [train_reply(strategy.instructions[0], 0, shifted(before, 1e-3)),
+               train_reply(strategy.instructions[1], 1, poisoned(before, "inf"))]
+    coordinator.begin_round(1, sampled=2)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None
+    assert set(coordinator.current["train"]) == {0}  # its epsilon was spent: it stays on record

@@ -1,0 +1,119 @@
+"""`fedgen deploy` without Flower processes: certificates, the exact Flower commands, the node
+config a hospital's SuperNode passes, and where a deployed hospital keeps its ledger."""
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from flwr.app import Context, RecordDict
+from flwr.common.config import parse_config_args
+from PIL import Image
+
+from fedgen.certificates import make_certificates
+from fedgen.cli import main as cli_main
+from fedgen.config import ConfigError, load_config
+from fedgen.deploy import DeploymentError, node_config, superlink_command, supernode_command
+from fedgen.hospital import silos_for
+from fedgen.site import site_home, site_silo
+
+TINY = ["data.num_patients=48", "data.image_size=16", "federation.num_hospitals=3", "name=pilot"]
+
+
+def test_certificates_chain_names_and_node_keys(tmp_path):
+    files = make_certificates(tmp_path / "certs", 2, hosts=["coordinator.example.org", "10.0.0.5"])
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(names.get_values_for_type(x509.DNSName)) == {"coordinator.example.org", "localhost"}
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"10.0.0.5", "127.0.0.1"}
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for node in (0, 1):
+        # What flower-supernode loads (OpenSSH EC private key) and `flwr supernode register` reads.
+        key = load_ssh_private_key(files.node_key(node).read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        public = files.node_public_key(node).read_bytes()
+        assert public.startswith(b"ecdsa-sha2-nistp384 ")
+        assert load_ssh_public_key(public).public_numbers() == key.public_key().public_numbers()
+        assert files.node_key(node).stat().st_mode & 0o077 == 0  # private keys readable by the owner only
+    with pytest.raises(FileExistsError):
+        make_certificates(tmp_path / "certs", 1)  # never replaces a CA
+
+
+def test_superlink_command_is_secure_unless_asked(tmp_path):
+    files = make_certificates(tmp_path, 1)
+    secure = superlink_command(tmp_path, "0.0.0.0", 9092, tmp_path / "state.db")
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation"):
+        assert flag in secure
+    assert secure[secure.index("--ssl-certfile") + 1] == str(files.server_cert)
+    assert "--insecure" not in secure
+    insecure = superlink_command(None, "127.0.0.1", 9092, tmp_path / "state.db")
+    assert "--insecure" in insecure and "--enable-supernode-auth" not in insecure
+    with pytest.raises(DeploymentError, match="fedgen deploy certs"):
+        superlink_command(tmp_path / "nowhere", "0.0.0.0", 9092, tmp_path / "state.db")
+
+
+def test_supernode_command_and_the_node_config_flower_reads(tmp_path):
+    files = make_certificates(tmp_path, 1)
+    data = tmp_path / "my data"  # a space in the path survives Flower's parsing
+    config = node_config(2, 3, data, data_path=str(tmp_path / "xrays"))
+    command = supernode_command("coordinator.example.org:9092", files.ca, files.node_key(0), config, 9094)
+    assert command[command.index("--root-certificates") + 1] == str(files.ca)
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(files.node_key(0))
+    parsed = parse_config_args([command[command.index("--node-config") + 1]])
+    assert parsed == {"partition-id": 2, "num-partitions": 3, "data-dir": str(data),
+                      "data-path": str(tmp_path / "xrays")}
+    assert "--insecure" in supernode_command("h:1", None, None, config, 9094)
+    with pytest.raises(DeploymentError):
+        supernode_command("h:1", files.ca, None, config, 9094)  # TLS without a node key: refused
+
+
+def test_deploy_commands_refuse_to_run_without_tls_material(tmp_path, capsys):
+    assert cli_main(["deploy", "supernode", "--print-only", "--partition-id", "0", "--num-partitions", "1",
+                     "--data-dir", str(tmp_path)]) == 1
+    assert "--ca" in capsys.readouterr().err
+    assert cli_main(["deploy", "supernode", "--print-only", "--insecure", "--partition-id", "0",
+                     "--num-partitions", "1", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "WARNING: --insecure" in out.err and "--insecure" in out.out
+
+
+def test_a_deployed_hospital_finds_its_silo_and_keeps_its_ledger_at_home(tmp_path):
+    cfg = load_config(TINY)
+    node = {"partition-id": 1, "num-partitions": 3, "data-dir": str(tmp_path)}
+    assert site_silo(cfg, 1, node).records() == silos_for(cfg)[1].records()  # synthetic: its partition
+    assert site_home(tmp_path, "pilot") == tmp_path.resolve() / "fedgen" / "pilot"
+    with pytest.raises(ConfigError, match="num-partitions"):
+        site_silo(cfg, 1, {**node, "num-partitions": 4})
+    with pytest.raises(ConfigError):
+        site_home(tmp_path, "../escape")
+
+
+def test_a_deployed_hospital_reads_its_own_images(tmp_path):
+    folder = tmp_path / "xrays"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(folder / f"img{i}.png")
+    cfg = load_config([*TINY, "data=folder", "data.path=null"])  # the coordinator has no images
+    silo = site_silo(cfg, 0, {"partition-id": 0, "num-partitions": 3, "data-path": str(folder)})
+    assert len(silo.members) + len(silo.heldout) + len(silo.validation) == 12
+    assert silo.train.images.shape[1:] == (1, 16, 16)
+
+
+def test_client_app_puts_a_deployed_hospital_home_in_its_data_dir(tmp_path):
+    from clients.app import hospital_for
+
+    run_config = {"overrides": '["data.num_patients=48", "data.image_size=16", "name=pilot"]',
+                  "run-dir": str(tmp_path / "coordinator" / "runs" / "pilot")}
+    deployed = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
+                       node_config={"partition-id": 0, "num-partitions": 3, "data-dir": str(tmp_path / "h0")})
+    hospital = hospital_for(deployed)
+    assert hospital.home == tmp_path.resolve() / "h0" / "fedgen" / "pilot"
+    assert (hospital.home / "records.json").exists()
+    assert not (tmp_path / "coordinator").exists()  # nothing of the hospital's at the coordinator
+    simulated = Context(run_id=1, node_id=8, state=RecordDict(), run_config=run_config,
+                        node_config={"partition-id": 0, "num-partitions": 3})
+    assert hospital_for(simulated).home == tmp_path.resolve() / "coordinator" / "runs" / "pilot" / "hospitals" / "hospital-0"
