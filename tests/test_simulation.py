@@ -40,7 +40,9 @@ def run_fedgen(overrides: list[str], **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def fedgen_processes_left() -> list[int]:
+def fedgen_processes_left(ignore: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Live processes started by a fedgen launcher (they carry its tag), except `ignore`: those
+    that already ran before the test (another fedgen job on the same machine)."""
     left = []
     for entry in os.listdir("/proc"):
         try:
@@ -52,7 +54,7 @@ def fedgen_processes_left() -> list[int]:
                 left.append(int(entry))
         except OSError:
             continue
-    return left
+    return [p for p in left if p not in ignore]
 
 
 def checkpoint_model(run: Path, r: int) -> dict:
@@ -73,6 +75,7 @@ def assert_ledger_equals_one_accountant(run: Path, hospital: int, rounds: int) -
 
 @pytest.mark.slow
 def test_simulation_trains_accounts_and_releases(tmp_path):
+    already = set(fedgen_processes_left())
     overrides = tiny_overrides(tmp_path, "e2e")
     done = run_fedgen(overrides)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -111,7 +114,7 @@ def test_simulation_trains_accounts_and_releases(tmp_path):
     pipe = DDPMPipeline.from_pretrained(str(run / "pipeline"))
     image = pipe(batch_size=1, num_inference_steps=3, output_type="np").images
     assert image.shape == (1, 16, 16, 1)
-    assert fedgen_processes_left() == []
+    assert fedgen_processes_left(already) == []
 
     # The attacks read the run back: members and held-out images rebuilt from its records.
     attacked = subprocess.run(
@@ -156,6 +159,7 @@ def test_a_failing_hospital_does_not_kill_the_round(tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
+    already = set(fedgen_processes_left())
     overrides = tiny_overrides(tmp_path, "resume")
     run = tmp_path / "resume"
     first = subprocess.Popen([FEDGEN, "simulate", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -166,7 +170,7 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
         time.sleep(0.2)
     first.send_signal(signal.SIGINT)  # Ctrl-C
     first.wait(timeout=120)
-    assert fedgen_processes_left() == []  # every process it started is gone
+    assert fedgen_processes_left(already) == []  # every process it started is gone
     assert json.loads((run / "metrics.json").read_text())["status"] == "running"
 
     done = run_fedgen(overrides)
@@ -179,6 +183,7 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
 
 
 def test_bad_override_fails_before_any_process_starts(tmp_path, capsys):
+    already = set(fedgen_processes_left())
     assert cli_main(["simulate", f"runs_dir={tmp_path}", "federation.num_hospitals=many"]) == 2
     assert "federation.num_hospitals" in capsys.readouterr().err
     assert cli_main(["simulate", f"runs_dir={tmp_path}", "privacy.target_epsilon=-1"]) == 2
@@ -186,4 +191,4 @@ def test_bad_override_fails_before_any_process_starts(tmp_path, capsys):
     assert cli_main(["simulate", f"runs_dir={tmp_path}", "data.num_patients=30", "privacy.delta=0.5"]) == 2
     assert "privacy.delta" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no run directory, no Flower process
-    assert fedgen_processes_left() == []
+    assert fedgen_processes_left(already) == []
