@@ -81,7 +81,8 @@ class ProcessGroup:
     """Processes started for one job; `stop()` ends all of them and their descendants."""
 
     def __init__(self, env: dict[str, str]):
-        self.tag = uuid.uuid4().hex
+        # An inherited tag (a test, a supervisor) lets the caller find everything this job started.
+        self.tag = env.get(TAG_VARIABLE) or uuid.uuid4().hex
         self.env = {**env, TAG_VARIABLE: self.tag}
         self.processes: list[subprocess.Popen] = []
 

@@ -34,21 +34,27 @@ def tiny_overrides(runs_dir: Path, name: str) -> list[str]:
     ]
 
 
+# Every process the tests' fedgen commands start carries this tag (and no other job's does).
+TAG = f"fedgen-test-{os.getpid()}"
+TAGGED_ENV = {**os.environ, TAG_VARIABLE: TAG}
+
+
 def run_fedgen(overrides: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [FEDGEN, "simulate", *overrides], capture_output=True, text=True, timeout=600, **kwargs
+        [FEDGEN, "simulate", *overrides], capture_output=True, text=True, timeout=600, env=TAGGED_ENV, **kwargs
     )
 
 
 def fedgen_processes_left(ignore: set[int] | frozenset[int] = frozenset()) -> list[int]:
-    """Live processes started by a fedgen launcher (they carry its tag), except `ignore`: those
-    that already ran before the test (another fedgen job on the same machine)."""
+    """Live processes started by these tests' fedgen commands (they carry TAG), except `ignore`."""
+    needle = f"{TAG_VARIABLE}={TAG}".encode()
     left = []
     for entry in os.listdir("/proc"):
         try:
             if (
                 entry.isdigit()
-                and TAG_VARIABLE.encode() in Path(f"/proc/{entry}/environ").read_bytes()
+                and int(entry) != os.getpid()
+                and needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
                 and Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
             ):
                 left.append(int(entry))
@@ -119,7 +125,7 @@ def test_simulation_trains_accounts_and_releases(tmp_path):
     # The attacks read the run back: members and held-out images rebuilt from its records.
     attacked = subprocess.run(
         [FEDGEN, "attack", str(run), "--per-hospital", "8", "--samples", "8", "--batch-size", "16"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=TAGGED_ENV,
     )
     assert attacked.returncode == 0, attacked.stdout + attacked.stderr
     report = json.loads((run / "attack.json").read_text())
@@ -162,7 +168,9 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
     already = set(fedgen_processes_left())
     overrides = tiny_overrides(tmp_path, "resume")
     run = tmp_path / "resume"
-    first = subprocess.Popen([FEDGEN, "simulate", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [FEDGEN, "simulate", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TAGGED_ENV
+    )
     deadline = time.time() + 400
     while not (run / "checkpoints" / "round-0001.pt").exists():
         assert first.poll() is None, first.stdout.read()
@@ -182,7 +190,8 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
         assert_ledger_equals_one_accountant(run, h, rounds=2)
 
 
-def test_bad_override_fails_before_any_process_starts(tmp_path, capsys):
+def test_bad_override_fails_before_any_process_starts(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(TAG_VARIABLE, TAG)  # anything it started would carry the tests' tag
     already = set(fedgen_processes_left())
     assert cli_main(["simulate", f"runs_dir={tmp_path}", "federation.num_hospitals=many"]) == 2
     assert "federation.num_hospitals" in capsys.readouterr().err
