@@ -173,6 +173,7 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
     log = run_dir.flower_log
     processes = ProcessGroup(flower_environment(flwr_home, ray_tmp))
     status, details = "unknown", ""
+    grace = 5.0
     try:
         superlink = processes.start(
             [executable("flower-superlink"), "--simulation", "--insecure",
@@ -189,9 +190,10 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
         status, details = run_status(run_id, processes.env)
     except KeyboardInterrupt:
         echo(f"\ninterrupted: stopping Flower. Run the same command again to resume from {run_dir.root}")
+        grace = 0.0  # stop now: Flower's simulation ignores SIGTERM and would finish the run
         raise
     finally:
-        processes.stop()
+        processes.stop(grace=grace)
         shutil.rmtree(work, ignore_errors=True)
     if status != "finished:completed":
         raise SimulationError(f"the federation ended as '{status}': {details}\nfull log: {log}")
