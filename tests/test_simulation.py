@@ -179,7 +179,8 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
     first.send_signal(signal.SIGINT)  # Ctrl-C
     first.wait(timeout=120)
     assert fedgen_processes_left(already) == []  # every process it started is gone
-    assert json.loads((run / "metrics.json").read_text())["status"] == "running"
+    metrics_file = run / "metrics.json"  # the kill may land before round 1's metrics are written
+    assert not metrics_file.exists() or json.loads(metrics_file.read_text())["status"] == "running"
 
     done = run_fedgen(overrides)
     assert done.returncode == 0, done.stdout + done.stderr
