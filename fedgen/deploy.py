@@ -290,8 +290,13 @@ def _supernode(args: argparse.Namespace) -> int:
     return _foreground(command, flower_environment(data_dir / "flower"), args.print_only)
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)  # line by line also when the output goes to a file (a service's log)
+
+
 def _run(args: argparse.Namespace) -> int:
-    deploy_run(args.overrides, args.superlink, _security(args), args.min_nodes, args.node_timeout, args.print_only)
+    deploy_run(args.overrides, args.superlink, _security(args), args.min_nodes, args.node_timeout,
+               args.print_only, echo=_say)
     return 0
 
 

@@ -32,7 +32,14 @@ from fedgen.deploy import (
     supernode_command,
     wait_for_nodes,
 )
-from fedgen.processes import ProcessGroup, alive, free_port, tagged, wait_until_healthy
+from fedgen.processes import (
+    TAG_VARIABLE,
+    ProcessGroup,
+    alive,
+    free_port,
+    tagged,
+    wait_until_healthy,
+)
 from fedgen.simulate import flower_environment
 
 
@@ -136,7 +143,9 @@ class LoopbackFederation:
         return self.logs / f"{name}.log"
 
     def _group(self, env: dict[str, str]) -> ProcessGroup:
-        group = ProcessGroup(env)
+        # A tag of its own for each process (not one inherited from our caller), so that crashing
+        # one SuperNode leaves the others running.
+        group = ProcessGroup({k: v for k, v in env.items() if k != TAG_VARIABLE})
         self.groups.append(group)
         return group
 
