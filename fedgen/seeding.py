@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import random
 
-import numpy as np
 import torch
 
 
@@ -13,12 +11,6 @@ def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from the given parts, stable across processes and platforms (unlike hash())."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002  (third-party code may use the legacy global RNG)
-    torch.manual_seed(seed)
 
 
 def torch_generator(*parts: int | str) -> torch.Generator:

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -238,7 +237,3 @@ def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -
     except (ValueError, KeyError, IndexError):
         return "unknown", listing.stdout + listing.stderr
     return str(info.get("status")), str(info.get("status-details", ""))
-
-
-def config_dict(cfg: ExperimentConfig) -> dict:
-    return asdict(cfg)
