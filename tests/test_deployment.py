@@ -151,11 +151,6 @@ def test_unregistered_nodes_and_clients_without_the_ca_are_refused(federation, t
         group.stop()
 
 
-@pytest.mark.skip(
-    reason="issue 6 in progress: in the CI dry run (2 shared cores, rounds of ~60 s) the SuperNode "
-    "kill landed outside a round and 'failed this round' never appeared; make the kill wait for a "
-    "round in flight before re-enabling"
-)
 def test_two_rounds_then_a_crashed_supernode_and_a_crashed_coordinator(federation, tmp_path):
     runs, name = tmp_path / "runs", "loop"
     run = runs / name
