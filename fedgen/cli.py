@@ -11,6 +11,9 @@ EPILOG = """examples:
   fedgen simulate privacy=eps1 federation.num_hospitals=5 name=eps1-5h
   fedgen simulate privacy=none federation.num_rounds=10 name=nodp
   fedgen attack runs/default                        # how much does the released model leak?
+  fedgen sweep                                      # no DP, epsilon 10, 4, 1 side by side
+  fedgen sweep sweep.privacy=[none,eps8] federation.num_rounds=10 sweep.name=r10
+  fedgen report runs/budgets                        # rewrite a run's or a sweep's report.md
   fedgen xrays --out xrays.png                      # look at the synthetic X-rays
 Overrides are Hydra's (group=option, key.path=value); see conf/ for every setting."""
 
@@ -37,20 +40,57 @@ def _attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from fedgen.sweep import main
+
+    return main(args.overrides, print_only=args.print_only)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedgen.config import ConfigError
+
+    folder = Path(args.path)
+    if (folder / "sweep.json").exists():
+        from fedgen.sweep import refresh
+
+        path = refresh(folder)
+    elif (folder / "config.yaml").exists():
+        from fedgen.report import write_run_report
+
+        path = write_run_report(folder)
+    else:
+        raise ConfigError(f"{folder}: neither a run (config.yaml) nor a sweep (sweep.json)")
+    print(f"wrote {path}")
+    return 0
+
+
 def _xrays(args: argparse.Namespace) -> int:
     from fedgen.images import save_grid
     from fedgen.synthetic import generate_xrays
 
     data = generate_xrays(
-        num_patients=args.patients, images_per_patient=1, image_size=args.size,
-        num_sources=args.sources, finding_rate=0.3, seed=args.seed,
+        num_patients=args.patients,
+        images_per_patient=1,
+        image_size=args.size,
+        num_sources=args.sources,
+        finding_rate=0.3,
+        seed=args.seed,
     )
     # One row per source (hospital), so acquisition differences show.
     order = sorted(range(len(data)), key=lambda i: (data.sources[i], i))
-    path = save_grid(data.images[order], args.out, nrow=args.patients // args.sources, upscale=max(1, 128 // args.size))
+    path = save_grid(
+        data.images[order],
+        args.out,
+        nrow=args.patients // args.sources,
+        upscale=max(1, 128 // args.size),
+    )
     findings = int((data.labels == 1).sum())
-    print(f"wrote {path}: {len(data)} synthetic X-rays at {args.size}x{args.size}, one row per hospital "
-          f"({findings} with a nodule)")
+    print(
+        f"wrote {path}: {len(data)} synthetic X-rays at {args.size}x{args.size}, one row per hospital "
+        f"({findings} with a nodule)"
+    )
     return 0
 
 
@@ -62,19 +102,53 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    sim = commands.add_parser("simulate", help="train a federation of simulated hospitals (Flower simulation)")
-    sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. privacy=eps1 federation.num_rounds=3")
+    sim = commands.add_parser(
+        "simulate", help="train a federation of simulated hospitals (Flower simulation)"
+    )
+    sim.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. privacy=eps1 federation.num_rounds=3"
+    )
     sim.set_defaults(run=_simulate)
     from fedgen.deploy import add_deploy_commands
 
     add_deploy_commands(commands)  # fedgen deploy certs|superlink|register|supernode|run|demo
-    att = commands.add_parser("attack", help="measure how much a run's released model leaks (attack.json, TensorBoard)")
+    att = commands.add_parser(
+        "attack", help="measure how much a run's released model leaks (attack.json, TensorBoard)"
+    )
     att.add_argument("run_dir", help="a run directory, e.g. runs/default")
-    att.add_argument("--attacks", help="comma-separated subset of: loss,pia,pian,secmi,sima (default: all)")
-    att.add_argument("--per-hospital", type=int, default=None, help="members (and non-members) per hospital")
-    att.add_argument("--samples", type=int, default=256, help="generated images for extraction (0: skip)")
+    att.add_argument(
+        "--attacks", help="comma-separated subset of: loss,pia,pian,secmi,sima (default: all)"
+    )
+    att.add_argument(
+        "--per-hospital", type=int, default=None, help="members (and non-members) per hospital"
+    )
+    att.add_argument(
+        "--samples", type=int, default=256, help="generated images for extraction (0: skip)"
+    )
     att.add_argument("--batch-size", type=int, default=64)
     att.set_defaults(run=_attack)
+    sw = commands.add_parser(
+        "sweep",
+        help="train, attack and measure one federation per privacy setting, and compare them",
+    )
+    sw.add_argument(
+        "overrides",
+        nargs="*",
+        help="sweep.* overrides change the sweep (conf/sweep.yaml); all others apply to every run",
+    )
+    sw.add_argument(
+        "--print-only",
+        action="store_true",
+        help="print each run's fedgen simulate command and stop",
+    )
+    sw.set_defaults(run=_sweep)
+    rep = commands.add_parser(
+        "report", help="write the privacy report (report.md) of a run or a sweep"
+    )
+    rep.add_argument(
+        "path", help="a run directory (runs/default) or a sweep directory (runs/budgets)"
+    )
+    rep.set_defaults(run=_report)
     xr = commands.add_parser("xrays", help="write a PNG grid of synthetic chest X-rays")
     xr.add_argument("--out", default="xrays.png")
     xr.add_argument("--size", type=int, default=64)
