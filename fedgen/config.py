@@ -94,6 +94,10 @@ class FederationConfig:
     num_samples: int = 16
     sampling_steps: int = 25  # DDIM steps for the grids
     client_cpus: int = 1  # simulation: CPU cores reserved per simulated hospital
+    # simulation on one machine: hospitals that train at once (0: all of them, at most 8). Ray is
+    # told there are this many x client_cpus CPUs, so 3 hospitals on 2 cores train side by side
+    # instead of in two waves (the second leaving a core idle).
+    parallel_clients: int = 0
     client_gpus: float = -1.0  # simulation: GPUs per simulated hospital; -1 = 1 if CUDA is present
 
 
@@ -227,6 +231,8 @@ def validate(cfg: ExperimentConfig) -> None:
         "federation.min_available_nodes",
         f"must be in [0, num_hospitals={f.num_hospitals}], got {f.min_available_nodes}",
     )
+    _require(f.parallel_clients >= 0, "federation.parallel_clients", f"must be >= 0, got {f.parallel_clients}")
+    _require(f.client_cpus >= 1, "federation.client_cpus", f"must be >= 1, got {f.client_cpus}")
     _require(f.round_timeout > 0, "federation.round_timeout", f"must be > 0 seconds, got {f.round_timeout}")
     _require(cfg.audit.canaries >= 0, "audit.canaries", f"must be >= 0, got {cfg.audit.canaries}")
 

@@ -64,6 +64,7 @@ class Coordinator:
         self.round_started = time.perf_counter()
         self.current = {
             "round": server_round,
+            "started_at": time.time(),  # wall clock, so a benchmark can place rounds in the run
             "sampled": sampled,
             "train": {},
             "evaluate": {},
@@ -96,6 +97,7 @@ class Coordinator:
         self.unet.load_state_dict(state)
         record = self.current
         record["seconds"] = time.perf_counter() - self.round_started
+        record["ended_at"] = time.time()
         record["train_loss"] = _finite_mean([m["train-loss"] for m in record["train"].values()])
         record["val_loss"] = _finite_mean([m["val-loss"] for m in record["evaluate"].values()])
         eps = [m["epsilon"] for m in record["train"].values()]

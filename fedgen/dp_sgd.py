@@ -35,6 +35,7 @@ class LocalTrainingResult:
     delta: float
     noise_multiplier: float  # 0 without DP
     seconds: float
+    cpu_seconds: float  # this process's CPU time while training (compute, not waiting)
 
 
 def make_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
@@ -94,7 +95,7 @@ def train_locally(
     denoiser = unet_denoiser(unet)
     k = cfg.training.noise_multiplicity
     loss_sum, loss_count, taken = 0.0, 0, 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=steps, desc=f"round {server_round} local", disable=not progress, leave=False)
     for _ in range(plan.local_epochs):
         for index in sampler:
@@ -125,12 +126,12 @@ def train_locally(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}")
     bar.close()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     loss = loss_sum / max(loss_count, 1)
     if ledger is None or dp_optimizer is None:
-        return LocalTrainingResult(loss, plan.num_examples, taken, float("inf"), 0.0, 0.0, seconds)
+        return LocalTrainingResult(loss, plan.num_examples, taken, float("inf"), 0.0, 0.0, seconds, cpu_seconds)
     dp_optimizer.zero_grad(set_to_none=True)  # drop grad_sample references
     ledger.record(accountant, server_round, taken)
     return LocalTrainingResult(
-        loss, plan.num_examples, taken, ledger.epsilon, ledger.delta, ledger.noise_multiplier, seconds
+        loss, plan.num_examples, taken, ledger.epsilon, ledger.delta, ledger.noise_multiplier, seconds, cpu_seconds
     )

@@ -121,6 +121,7 @@ class Hospital:
             "steps": result.steps,
             "total-steps": ledger.steps if ledger else result.steps,
             "train-seconds": result.seconds,
+            "train-cpu-seconds": result.cpu_seconds,
         }
         # Ledger first: if the process dies after this line, the spent epsilon is on record.
         if ledger is not None:

@@ -71,6 +71,14 @@ def write_run_config(path: Path, overrides: list[str], run_dir: RunDir) -> Path:
     return path
 
 
+def ray_cpus(fed) -> int:
+    """The CPUs Ray may hand out on this machine: enough for `parallel_clients` hospitals at
+    once, never fewer than the machine has. Each hospital's worker runs one torch thread per CPU
+    it reserves, so oversubscribing a few cores costs little and keeps them all busy."""
+    parallel = fed.parallel_clients or min(fed.num_hospitals, 8)
+    return max(os.cpu_count() or 1, parallel * fed.client_cpus)
+
+
 def executable(name: str) -> str:
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
@@ -169,6 +177,8 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
         f"num_supernodes={fed.num_hospitals} client_resources_num_cpus={fed.client_cpus} "
         f"client_resources_num_gpus={gpus}"
     )
+    if not gpus and not os.environ.get("RAY_ADDRESS"):  # a Ray cluster counts its own CPUs
+        federation_config += f" init_args_num_cpus={ray_cpus(fed)}"
     log = run_dir.flower_log
     processes = ProcessGroup(flower_environment(flwr_home, ray_tmp))
     status, details = "unknown", ""
