@@ -276,7 +276,7 @@ def tradeoff_figure(rows: list[dict], title: str = "privacy budget trade-off"):
         None,
     )
     if metric == "frechet_distance" and floor is not None:
-        left.axhline(floor, color="tab:blue", ls=":", lw=1, label="real vs real (floor)")
+        left.axhline(floor, color="tab:blue", ls=":", lw=1, label="real training images (floor)")
     _plot(right, xs, points, "attack_auc", "s--", "tab:red", "best attack AUC")
     if finite and len(finite) < len(points):  # no DP sits apart: epsilon is not a number there
         left.axvline(math.sqrt(max(finite) * no_dp_x), color="gray", ls=":", lw=0.8)

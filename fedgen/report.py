@@ -230,14 +230,14 @@ def _utility(row: dict, utility: dict) -> str:
         [
             ["validation denoising loss", fmt(row["val_loss"]), "lower"],
             [
-                "Frechet distance to real images",
+                "Frechet distance to held-out real images",
                 f"{fmt(row['frechet_distance'])} "
-                f"(real vs real: {fmt(row['frechet_distance_real'])})",
+                f"(real training images: {fmt(row['frechet_distance_real'])})",
                 "lower, near the real-vs-real floor",
             ],
             ["precision (samples that look real)", fmt(row["precision"]), "higher"],
             ["recall (real variety covered)", fmt(row["recall"]), "higher"],
-            ["downstream classifier AUC, trained on samples", downstream, "higher"],
+            ["finding classifier AUC on real images, trained on samples", downstream, "higher"],
         ],
     )
     return (

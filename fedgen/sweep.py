@@ -10,8 +10,8 @@ Design:
 - Every setting's config is composed and checked before anything trains (a typo fails at once).
 - Steps per run: train (in-process `fedgen.simulate.simulate`, which starts and stops its own
   Flower processes), attack (`attacks.audit.audit_run`, 64 extraction samples by default rather
-  than 256), utility (`fedgen.utility.evaluate_utility`, with one encoder cached in the sweep
-  folder for all runs), then the run's HParams session and report. A step whose output exists is
+  than 256), utility (`fedgen.utility.evaluate_utility`: one feature encoder, trained on the
+  runs' common training images and cached in the sweep folder, measures every run), then the run's HParams session and report. A step whose output exists is
   skipped (train: metrics.json says completed and the config is unchanged; attack: attack.json;
   utility: utility.json), so the same command again only does what is missing; an interrupted
   run resumes from its last checkpoint.
@@ -170,7 +170,7 @@ def run_setting(p: Plan, name: str, overrides: list[str], previous: dict, label:
     steps = {
         "train": lambda: _train(run, overrides, log),
         "attack": lambda: _attack(run, p.sweep.attack, log),
-        "utility": lambda: _utility(run, p.sweep.utility, p.folder, log),
+        "utility": lambda: _utility(run, p.sweep.utility, log),
     }
     step = "train"
     try:
@@ -255,7 +255,7 @@ def _attack(run: RunDir, s: SweepAttack, log) -> str:
     return "done"
 
 
-def _utility(run: RunDir, s: SweepUtility, folder: Path, log) -> str:
+def _utility(run: RunDir, s: SweepUtility, log) -> str:
     if not s.enabled:
         return "off (sweep.utility.enabled=false)"
     if (run.root / "utility.json").exists():
@@ -266,7 +266,7 @@ def _utility(run: RunDir, s: SweepUtility, folder: Path, log) -> str:
 
     evaluate_utility(
         run.root,
-        encoder_path=folder / "encoder.pt",
+        encoder_path=None,  # <sweep>/encoder-<fingerprint>.pt: trained once, shared by every run
         num_samples=s.num_samples,
         batch_size=s.batch_size,
         seed=0,

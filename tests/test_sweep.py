@@ -373,6 +373,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
         "sweep.privacy=[none]",
         "+sweep.settings.bad=['privacy=eps10','privacy.delta=0.5']",  # fails before training
         "+sweep.settings.eps10=['privacy=eps10']",
+        "sweep.attack.attacks=[loss,pia]",
         "sweep.attack.per_hospital=8",
         "sweep.attack.samples=8",
         "sweep.attack.batch_size=16",
