@@ -3,23 +3,25 @@ and measured, then compared (sweep.json, tradeoff.png, report.md, TensorBoard HP
 
 Design:
 - The sweep's settings come from `conf/sweep.yaml`. Overrides that start with `sweep.` change
-  it; every other override applies to every run. Setting `s` is the run `<runs_dir>/<sweep.name>/s/`,
-  trained exactly as `fedgen simulate <common overrides> <s's overrides> runs_dir=<runs_dir>/<sweep.name>
-  name=s`. Silos, splits and seeds derive from the data and federation config and the seed, never
-  from the run's name or privacy settings, so every run sees the same patients in the same roles.
+  it; every other override applies to every run. Setting `s` is the run
+  `<runs_dir>/<sweep.name>/s/`, trained exactly as `fedgen simulate <common overrides>
+  <s's overrides> runs_dir=<runs_dir>/<sweep.name> name=s`. Silos, splits and seeds derive from
+  the data and federation config and the seed, never from the run's name or privacy settings,
+  so every run sees the same patients in the same roles.
 - Every setting's config is composed and checked before anything trains (a typo fails at once).
 - Steps per run: train (in-process `fedgen.simulate.simulate`, which starts and stops its own
   Flower processes), attack (`attacks.audit.audit_run`, 64 extraction samples by default rather
   than 256), utility (`fedgen.utility.evaluate_utility`: one feature encoder, trained on the
-  runs' common training images and cached in the sweep folder, measures every run), then the run's HParams session and report. A step whose output exists is
-  skipped (train: metrics.json says completed and the config is unchanged; attack: attack.json;
-  utility: utility.json), so the same command again only does what is missing; an interrupted
-  run resumes from its last checkpoint.
+  runs' common training images and cached in the sweep folder, measures every run), then the
+  run's HParams session and report. A step whose output exists is skipped (train: metrics.json
+  says completed and the config is unchanged; attack: attack.json; utility: utility.json), so
+  the same command again only does what is missing; an interrupted run resumes from its last
+  checkpoint. Delete a run's attack.json or utility.json to redo that step.
 - A run that fails (a setting that cannot work, a failed federation, an audit alarm) is recorded in
   sweep.json with the step and error, and the sweep goes on; the command exits non-zero at the end.
   Ctrl-C stops the whole sweep.
-- sweep.json is rewritten after every run: one row per setting (`comparison.run_row` plus status,
-  failed step, error and seconds per step; seconds of a skipped step are those of the run that did it).
+- sweep.json is rewritten after every run: one row per setting (`comparison.run_row` plus
+  status, failed step, error and seconds per step; a skipped step keeps the seconds it took).
 """
 
 from __future__ import annotations
