@@ -1,0 +1,231 @@
+"""Utility of a trained run: how good are the released model's images? (`<run>/utility.json`)
+
+Leakage figures only mean something next to utility figures: a model that learned nothing
+leaks nothing. For one run directory this module
+
+1. loads the released pipeline and generates `num_samples` images from fixed-seed noise (DDIM
+   with the run's `federation.sampling_steps`, as the run's own sample grids);
+2. rebuilds the run's real images from its config, checked against the hospitals' records:
+   the training images (every hospital's members) and the held-out images (non-members, never
+   trained on, same distribution). The held-out images are the reference the generated images
+   are compared with; the training images teach the feature encoder and the downstream labeller,
+   so the reference stays unseen by every instrument that measures against it;
+3. trains or loads the feature encoder (`fedgen.features`), cached by default beside the run
+   directory, `<runs parent>/encoder-<fingerprint>.pt`, so every run of a sweep under one parent
+   directory is measured with the same encoder (when they share their training images);
+4. computes the Frechet distance, precision and recall (`fedgen.fidelity`) of the generated
+   images against the held-out images, the same for as many real training images (the floor a
+   perfect generator would reach with that many samples), and the downstream check
+   (`fedgen.downstream`) when the images have 0/1 labels;
+5. writes `utility.json` and `utility/...` scalars in the run's TensorBoard at the final round.
+
+See docs/utility.md for what each number means and its caveats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from attacks.targets import load_released, load_run_config
+from fedgen.dataset import ImageSet
+from fedgen.diffusion import sample_images
+from fedgen.downstream import downstream_check, has_binary_labels
+from fedgen.features import EncoderSettings, encoder_fingerprint, load_or_train_encoder
+from fedgen.fidelity import frechet_distance, precision_recall
+from fedgen.run_dir import RunDir, write_json
+from fedgen.seeding import resolve_device, torch_generator
+from fedgen.silos import Silo, build_silos
+from fedgen.tracking import FederationLogger
+
+SAMPLING_METHOD = "ddim"  # what the run's own sample grids use (fedgen.coordinator)
+NEAREST_NEIGHBOURS = 3  # k of improved precision and recall (Kynkaenniemi et al. 2019)
+
+
+def _checked_silos(run: RunDir, cfg) -> list[Silo]:
+    """The run's silos rebuilt from its config; refused if they disagree with the records."""
+    silos = build_silos(cfg)
+    for silo in silos:
+        path = run.hospital_home(silo.hospital) / "records.json"
+        if not path.exists():
+            continue  # a hospital elsewhere keeps its records: nothing to compare here
+        recorded = json.loads(path.read_text())["roles"]
+        for role in ("member", "heldout"):
+            if [r["hash"] for r in recorded[role]] != silo.role(role).content_hashes():
+                raise ValueError(
+                    f"hospital {silo.hospital}: the rebuilt {role} images differ from {path}; "
+                    "the data or the code changed since training"
+                )
+    return silos
+
+
+def generate(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    num_samples: int,
+    image_size: int,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """num_samples images [N,1,S,S] in [-1,1] from noise drawn once from (seed, "utility-samples"):
+    the same images whatever the batch size."""
+    noise = torch.randn(
+        (num_samples, 1, image_size, image_size), generator=torch_generator(seed, "utility-samples")
+    )
+    unet = unet.to(device)
+    out = []
+    with tqdm(total=num_samples, desc="generating", unit="img", disable=not progress) as bar:
+        for batch in noise.split(batch_size):
+            out.append(
+                sample_images(unet, scheduler, batch.to(device), SAMPLING_METHOD, steps).cpu()
+            )
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+def _final_validation(run: RunDir) -> tuple[float, int]:
+    """(final validation loss, final round) from metrics.json."""
+    if not run.metrics.exists():
+        raise FileNotFoundError(f"{run.root}: no metrics.json; evaluate a trained run")
+    metrics = run.read_metrics()
+    history = metrics.get("history") or []
+    # write_json stores NaN as the string "nan", which float() reads back.
+    val_loss = float(metrics.get("summary", {}).get("val_loss", "nan"))
+    return val_loss, int(history[-1]["round"]) if history else 0
+
+
+def evaluate_utility(
+    run_dir: str | Path,
+    encoder_path: str | Path | None = None,
+    num_samples: int = 256,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Utility of the run's released model; writes and returns `<run_dir>/utility.json`.
+
+    encoder_path: the feature encoder file (trained there if missing, refused if trained on other
+    images; or a pytorch-fid Inception weights file). Default: `<run_dir>/../encoder-<fp>.pt`.
+    seed: picks the sampling noise and the real training images of the floor; the encoder and
+    the downstream classifiers have fixed seeds (they are the measuring instruments).
+    """
+    if num_samples <= NEAREST_NEIGHBOURS:
+        raise ValueError(f"num_samples must be > {NEAREST_NEIGHBOURS}, got {num_samples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
+    run = RunDir(run_dir)
+    cfg = load_run_config(run)
+    val_loss, final_round = _final_validation(run)
+    device = resolve_device("auto")
+
+    silos = _checked_silos(run, cfg)
+    training = ImageSet.concat([s.members for s in silos])
+    heldout = ImageSet.concat([s.heldout for s in silos])
+    if len(heldout) <= NEAREST_NEIGHBOURS:
+        raise ValueError(
+            f"{run.root}: {len(heldout)} held-out images; the comparison needs more than {NEAREST_NEIGHBOURS}"
+        )
+
+    settings = EncoderSettings()
+    if encoder_path is None:
+        encoder_path = run.root.parent / f"encoder-{encoder_fingerprint(training, settings)}.pt"
+    encoder = load_or_train_encoder(encoder_path, training, settings, device, log)
+
+    unet, scheduler = load_released(run.root)
+    steps = cfg.federation.sampling_steps
+    phase = time.perf_counter()
+    generated = generate(
+        unet, scheduler, num_samples, cfg.data.image_size, steps, batch_size, seed, progress, device
+    )
+    log(f"utility: generated {num_samples} images in {time.perf_counter() - phase:.1f} s")
+
+    rng = np.random.default_rng([seed, 7])
+    floor_index = np.sort(
+        rng.choice(len(training), size=min(num_samples, len(training)), replace=False)
+    )
+    real_reference = training.images[torch.from_numpy(floor_index)]
+    f_gen, f_held, f_real = (
+        encoder.features(x) for x in (generated, heldout.images, real_reference)
+    )
+    fake_pr = precision_recall(f_held, f_gen, NEAREST_NEIGHBOURS)
+    real_pr = precision_recall(f_held, f_real, NEAREST_NEIGHBOURS)
+
+    downstream = None
+    if has_binary_labels(training.labels) and has_binary_labels(heldout.labels):
+        phase = time.perf_counter()
+        downstream = downstream_check(
+            training.images,
+            training.labels,
+            heldout.images,
+            heldout.labels,
+            generated,
+            device=device,
+        ).to_dict()
+        log(f"utility: downstream check in {time.perf_counter() - phase:.1f} s")
+
+    result = {
+        "round": final_round,
+        "val_loss": val_loss,
+        "frechet_distance": frechet_distance(f_held, f_gen),
+        "precision": fake_pr.precision,
+        "recall": fake_pr.recall,
+        "frechet_distance_real": frechet_distance(f_held, f_real),
+        "precision_real": real_pr.precision,
+        "recall_real": real_pr.recall,
+        "k": NEAREST_NEIGHBOURS,
+        "downstream": downstream,
+        "encoder_kind": encoder.kind,
+        "encoder_path": str(Path(encoder.path).resolve()),
+        "encoder_fingerprint": encoder.fingerprint,
+        "feature_dim": int(f_gen.shape[1]),
+        "num_samples": num_samples,
+        "num_heldout": len(heldout),
+        "num_training": len(training),
+        "num_real_reference": len(real_reference),
+        "sampling": {"method": SAMPLING_METHOD, "steps": steps},
+        "seed": seed,
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(run.root / "utility.json", result)
+    _log_scalars(run, result, final_round)
+    log(
+        f"utility: FD {result['frechet_distance']:.3g} (real floor {result['frechet_distance_real']:.3g}) | "
+        f"precision {fake_pr.precision:.2f} | recall {fake_pr.recall:.2f}"
+        + (
+            f" | downstream AUC {downstream['auc']:.2f} (real {downstream['baseline_auc']:.2f})"
+            if downstream
+            else ""
+        )
+        + f" -> {run.root / 'utility.json'}"
+    )
+    return result
+
+
+def _log_scalars(run: RunDir, result: dict, step: int) -> None:
+    scalars = {
+        "utility/frechet_distance": result["frechet_distance"],
+        "utility/frechet_distance_real": result["frechet_distance_real"],
+        "utility/precision": result["precision"],
+        "utility/recall": result["recall"],
+    }
+    if result["downstream"] is not None:
+        scalars["utility/downstream_auc"] = result["downstream"]["auc"]
+        scalars["utility/downstream_baseline_auc"] = result["downstream"]["baseline_auc"]
+    logger = FederationLogger(run.tensorboard)
+    for tag, value in scalars.items():
+        if math.isfinite(value):
+            logger.writer.add_scalar(tag, value, step)
+    logger.close()

@@ -1,0 +1,119 @@
+"""The feature encoder: distances it gives between real images against distances to degraded and
+wrong-anatomy images, its cache, and the Inception path's error without the extra."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from fedgen import features
+from fedgen.features import (
+    EncoderSettings,
+    encoder_fingerprint,
+    load_encoder,
+    load_or_train_encoder,
+)
+from fedgen.fidelity import frechet_distance
+from fedgen.synthetic import generate_xrays
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: on a shared, oversubscribed machine a second thread makes each step slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def xrays():
+    """300 training images and 300 unseen ones (different patients), 3 sources, 32x32."""
+    data = generate_xrays(
+        num_patients=600,
+        images_per_patient=1,
+        image_size=32,
+        num_sources=3,
+        finding_rate=0.3,
+        seed=0,
+    )
+    return data.subset(np.arange(300)), data.subset(np.arange(300, 600))
+
+
+@pytest.fixture(scope="module")
+def encoder(xrays, tmp_path_factory):
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("encoder") / "encoder.pt"
+    return load_or_train_encoder(path, xrays[0], log=lambda _: None)
+
+
+def test_real_halves_are_much_closer_than_degraded_or_misplaced_images(encoder, xrays):
+    unseen = xrays[1].images
+    a, b = unseen[:150], unseen[150:]
+    noisy = (b + 0.3 * torch.randn(b.shape, generator=torch.Generator().manual_seed(0))).clamp(
+        -1, 1
+    )
+    blurred = torch.from_numpy(gaussian_filter(b.numpy(), sigma=(0, 0, 1.0, 1.0), mode="nearest"))
+    f_a = encoder.features(a)
+    floor = frechet_distance(f_a, encoder.features(b))
+    assert frechet_distance(f_a, encoder.features(noisy)) > 5 * floor
+    assert frechet_distance(f_a, encoder.features(blurred)) > 3 * floor
+    # Anatomy, which no head was trained on: the heart on the wrong side.
+    assert frechet_distance(f_a, encoder.features(b.flip(-1))) > 5 * floor
+    # Images the encoder was trained on are not special to it (it did not memorise them).
+    assert frechet_distance(f_a, encoder.features(xrays[0].images[:150])) < 2 * floor
+
+
+def test_features_shape_and_determinism(encoder, xrays):
+    f = encoder.features(xrays[1].images[:10])
+    assert f.shape == (10, EncoderSettings().feature_dim) and f.dtype == np.float64
+    np.testing.assert_allclose(f, encoder.features(xrays[1].images[:10], batch_size=3), atol=1e-5)
+    with pytest.raises(ValueError, match="32x32"):
+        encoder.features(torch.zeros(2, 1, 16, 16))
+
+
+def test_cache_is_loaded_and_a_different_fingerprint_is_refused(tmp_path, monkeypatch):
+    data = generate_xrays(
+        num_patients=40,
+        images_per_patient=1,
+        image_size=16,
+        num_sources=2,
+        finding_rate=0.5,
+        seed=1,
+    )
+    settings = EncoderSettings(epochs=1)
+    path = tmp_path / "enc.pt"
+    first = load_or_train_encoder(path, data, settings, log=lambda _: None)
+    assert path.exists() and first.fingerprint == encoder_fingerprint(data, settings)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached encoder should have been loaded")
+
+    monkeypatch.setattr(features, "train_encoder", no_training)
+    second = load_or_train_encoder(path, data, settings, log=lambda _: None)
+    assert second.kind == "trained" and second.fingerprint == first.fingerprint
+    np.testing.assert_array_equal(first.features(data.images), second.features(data.images))
+
+    other = data.subset(np.arange(20))
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_or_train_encoder(path, other, settings, log=lambda _: None)
+    assert encoder_fingerprint(data, EncoderSettings(epochs=2)) != first.fingerprint
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("pytorch_fid") is not None, reason="pytorch-fid is installed"
+)
+def test_inception_weights_without_the_extra_name_it(tmp_path):
+    path = tmp_path / "pt_inception.pth"
+    torch.save({"Mixed_7c.branch1x1.conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ImportError, match=r"fedgen\[inception\]"):
+        load_encoder(path)
+
+
+def test_unknown_files_are_refused(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="not a fedgen encoder"):
+        load_encoder(path)

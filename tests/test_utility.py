@@ -1,0 +1,139 @@
+"""evaluate_utility on a tiny run directory built without Flower: an untrained released model
+(noise) against the run's real images, and a stand-in generator that returns real images."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fedgen import utility
+from fedgen.config import load_config
+from fedgen.dataset import ImageSet
+from fedgen.model import build_scheduler, build_unet
+from fedgen.run_dir import RunDir, write_json
+from fedgen.silos import build_silos
+from fedgen.utility import evaluate_utility
+
+FINAL_ROUND = 3
+TINY = [
+    "data.num_patients=120",
+    "data.images_per_patient=1",
+    "data.image_size=16",
+    "data.finding_rate=0.5",
+    "federation.num_hospitals=2",
+    f"federation.num_rounds={FINAL_ROUND}",
+    "federation.sampling_steps=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_run(root: Path, overrides: list[str]) -> RunDir:
+    """A run directory as fedgen writes one (config, records, metrics, released pipeline), with
+    an untrained UNet as the released model."""
+    cfg = load_config(overrides)
+    run = RunDir(root)
+    run.root.mkdir(parents=True)
+    run.config.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    for silo in build_silos(cfg):
+        run.hospital_home(silo.hospital).mkdir(parents=True)
+        (run.hospital_home(silo.hospital) / "records.json").write_text(json.dumps(silo.records()))
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg.model, cfg.data.image_size)
+    DDPMPipeline(unet=unet, scheduler=build_scheduler(cfg.model)).save_pretrained(str(run.pipeline))
+    history = [{"round": r, "val_loss": 1.0 / r} for r in range(1, FINAL_ROUND + 1)]
+    summary = {"val_loss": history[-1]["val_loss"], "rounds_completed": FINAL_ROUND}
+    write_json(run.metrics, {"status": "completed", "summary": summary, "history": history})
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> RunDir:
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny", TINY)
+
+
+@pytest.fixture(scope="module")
+def noise_result(run) -> dict:
+    torch.set_num_threads(1)
+    return evaluate_utility(
+        run.root, num_samples=48, batch_size=16, progress=False, log=lambda _: None
+    )
+
+
+def test_untrained_model_is_far_from_the_real_floor(run, noise_result):
+    r = json.loads((run.root / "utility.json").read_text())
+    assert r == json.loads(json.dumps(noise_result))
+    for key in ("val_loss", "frechet_distance", "precision", "recall", "frechet_distance_real"):
+        assert math.isfinite(r[key]), key
+    assert r["val_loss"] == pytest.approx(1.0 / FINAL_ROUND)
+    assert r["round"] == FINAL_ROUND
+    assert r["frechet_distance"] > 10 * r["frechet_distance_real"]
+    assert r["precision"] < 0.1
+    assert r["precision_real"] > 0.5
+    assert r["num_samples"] == 48 and r["num_real_reference"] == 48
+    assert r["num_heldout"] > 0 and r["num_training"] > r["num_heldout"]
+    d = r["downstream"]
+    assert set(d) >= {"auc", "accuracy", "baseline_auc", "baseline_accuracy"}
+    assert all(0.0 <= d[k] <= 1.0 for k in ("auc", "accuracy", "baseline_auc", "baseline_accuracy"))
+
+
+def test_encoder_is_cached_beside_the_run_and_scalars_are_in_tensorboard(run, noise_result):
+    path = Path(noise_result["encoder_path"])
+    assert path == run.root.parent / f"encoder-{noise_result['encoder_fingerprint']}.pt"
+    assert path.exists() and noise_result["encoder_kind"] == "trained"
+    events = EventAccumulator(str(run.tensorboard))
+    events.Reload()
+    for tag in ("frechet_distance", "precision", "recall", "downstream_auc"):
+        (scalar,) = events.Scalars(f"utility/{tag}")
+        assert scalar.step == FINAL_ROUND
+    assert events.Scalars("utility/frechet_distance")[0].value == pytest.approx(
+        noise_result["frechet_distance"]
+    )
+
+
+def test_a_generator_returning_real_images_sits_at_the_floor(run, noise_result, monkeypatch):
+    cfg = utility.load_run_config(run)
+    unseen = ImageSet.concat([s.validation for s in build_silos(cfg)]).images
+
+    def real_images(unet, scheduler, num_samples, *args, **kwargs):
+        return unseen[torch.from_numpy(np.arange(num_samples) % len(unseen))]
+
+    monkeypatch.setattr(utility, "generate", real_images)
+    logs: list[str] = []
+    r = evaluate_utility(run.root, num_samples=len(unseen), progress=False, log=logs.append)
+    assert not any("trained on" in line for line in logs)  # the cached encoder was loaded
+    assert r["encoder_fingerprint"] == noise_result["encoder_fingerprint"]
+    assert r["frechet_distance"] < 3 * r["frechet_distance_real"]
+    assert r["precision"] > 0.5
+
+
+def test_records_that_disagree_with_the_rebuilt_split_are_refused(tmp_path):
+    run = make_run(tmp_path / "runs" / "tampered", TINY)
+    path = run.hospital_home(0) / "records.json"
+    records = json.loads(path.read_text())
+    records["roles"]["member"], records["roles"]["heldout"] = (
+        records["roles"]["heldout"],
+        records["roles"]["member"],
+    )
+    path.write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="differ"):
+        evaluate_utility(run.root, num_samples=8, progress=False, log=lambda _: None)
+
+
+def test_bad_arguments_are_refused(run):
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluate_utility(run.root, num_samples=3)
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        evaluate_utility(run.root.parent)
