@@ -116,7 +116,9 @@ def run_row(run_dir: str | Path) -> dict:
         "frechet_distance": number(utility.get("frechet_distance")),
         "frechet_distance_real": number(utility.get("frechet_distance_real")),
         "precision": number(utility.get("precision")),
+        "precision_real": number(utility.get("precision_real")),
         "recall": number(utility.get("recall")),
+        "recall_real": number(utility.get("recall_real")),
         "downstream_auc": number((utility.get("downstream") or {}).get("auc")),
         "downstream_baseline_auc": number((utility.get("downstream") or {}).get("baseline_auc")),
     }

@@ -233,16 +233,26 @@ def _utility(row: dict, utility: dict) -> str:
                 "Frechet distance to held-out real images",
                 f"{fmt(row['frechet_distance'])} "
                 f"(real training images: {fmt(row['frechet_distance_real'])})",
-                "lower, near the real-vs-real floor",
+                "lower; the real images' value is the floor",
             ],
-            ["precision (samples that look real)", fmt(row["precision"]), "higher"],
-            ["recall (real variety covered)", fmt(row["recall"]), "higher"],
+            [
+                "precision (samples that look real)",
+                f"{fmt(row['precision'])} (real training images: {fmt(row.get('precision_real'))})",
+                "higher",
+            ],
+            [
+                "recall (real variety covered)",
+                f"{fmt(row['recall'])} (real training images: {fmt(row.get('recall_real'))})",
+                "higher",
+            ],
             ["finding classifier AUC on real images, trained on samples", downstream, "higher"],
         ],
     )
     return (
         f"{head}\n\n{table}\n\nWhat each number means and its caveats: {UTILITY_DOC}. "
-        "The features come from an encoder trained on real images, the same for every run of a sweep."
+        "The features come from an encoder trained on the real training images, the same for every "
+        "run of a sweep; the comparison images are held-out patients no run trained on. In brackets: "
+        "what real images score, the best a generator can do."
     )
 
 

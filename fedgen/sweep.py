@@ -26,7 +26,6 @@ Design:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -262,8 +261,6 @@ def _utility(run: RunDir, s: SweepUtility, log) -> str:
         return "off (sweep.utility.enabled=false)"
     if (run.root / "utility.json").exists():
         return "skipped (utility.json exists)"
-    if importlib.util.find_spec("fedgen.utility") is None:
-        return "unavailable (no fedgen.utility in this version)"
     from fedgen.utility import evaluate_utility
 
     evaluate_utility(

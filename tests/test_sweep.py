@@ -381,6 +381,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
         "sweep.utility.batch_size=16",
         "federation.num_hospitals=2",
         "federation.num_rounds=1",
+        "federation.local_epochs=1",
         "federation.num_samples=4",
         "federation.sampling_steps=5",
         "data.num_patients=48",
