@@ -65,7 +65,7 @@ class PrivacyConfig:
 @dataclass
 class TrainingConfig:
     batch_size: int = 32  # expected batch size: Poisson sample rate q = batch_size / N
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     optimizer: str = "adam"  # adam | sgd
     noise_multiplicity: int = 1  # K draws of (t, noise) averaged per example before clipping
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -78,7 +78,7 @@ class FederationConfig:
     fraction_train: float = 1.0  # share of hospitals sampled per round
     min_train_nodes: int = 1  # fewer successful replies than this fails the round
     min_available_nodes: int = 0  # wait for this many connected hospitals before each round (0: min_train_nodes)
-    local_epochs: int = 1
+    local_epochs: int = 4
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam
     proximal_mu: float = 0.01  # fedprox
     server_learning_rate: float = 0.01  # fedadam

@@ -31,6 +31,7 @@ def overrides(runs_dir: Path, name: str, rounds: int) -> list[str]:
         f"name={name}",
         "federation.num_hospitals=3",
         f"federation.num_rounds={rounds}",
+        "federation.local_epochs=1",
         "federation.min_train_nodes=2",  # a round completes with 2 of the 3 hospitals
         "federation.min_available_nodes=3",  # but starts only when all 3 are connected
         "federation.round_timeout=600",

@@ -26,6 +26,7 @@ def tiny_overrides(runs_dir: Path, name: str) -> list[str]:
         f"name={name}",
         "federation.num_hospitals=2",
         "federation.num_rounds=2",
+        "federation.local_epochs=1",
         "federation.num_samples=4",
         "federation.sampling_steps=5",
         "data.num_patients=48",

@@ -15,7 +15,7 @@ from fedgen.run_dir import RunDir
 from fedgen.update_checks import TRAIN_METRIC_KEYS, metrics_problem, update_problem
 from server.app import make_strategy
 
-TINY = ["data.image_size=16", "data.num_patients=48", "federation.num_hospitals=3",
+TINY = ["data.image_size=16", "data.num_patients=48", "federation.num_hospitals=3", "federation.local_epochs=1",
         "federation.num_samples=1", "federation.sampling_steps=2", "federation.max_update_norm=50"]
 
 
