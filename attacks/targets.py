@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from fedgen.config import to_config
+from fedgen.config import ExperimentConfig
 from fedgen.run_dir import RunDir
 from fedgen.silos import build_silos
 
@@ -46,10 +45,8 @@ def load_released(path: str | Path):
     raise FileNotFoundError(f"{path}: no diffusers pipeline (model_index.json) or UNet (config.json)")
 
 
-def load_run_config(run_dir: RunDir):
-    if not run_dir.config.exists():
-        raise FileNotFoundError(f"{run_dir.root}: not a fedgen run directory (no config.yaml)")
-    return to_config(OmegaConf.load(run_dir.config))
+def load_run_config(run_dir: RunDir) -> ExperimentConfig:
+    return run_dir.experiment_config()
 
 
 def candidates_from_run(run_dir: str | Path, seed: int = 0, per_hospital: int | None = None) -> tuple[Candidates, torch.Tensor]:

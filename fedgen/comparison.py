@@ -24,9 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from fedgen.config import to_config  # noqa: E402
 from fedgen.run_dir import RunDir  # noqa: E402
 
 # Every HParams session declares these (value: an example of the type); absent values stay blank.
@@ -83,9 +81,7 @@ def _read_json(path: Path) -> dict:
 def run_row(run_dir: str | Path) -> dict:
     """One flat record of a run's setting, guarantee, utility and leakage (None where unknown)."""
     run = RunDir(run_dir)
-    raw = OmegaConf.load(run.config)
-    assert isinstance(raw, DictConfig)
-    cfg = to_config(raw)
+    cfg = run.experiment_config()
     p, f, t = cfg.privacy, cfg.federation, cfg.training
     metrics = run.read_metrics()
     summary = metrics.get("summary", {})

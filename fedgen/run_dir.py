@@ -18,6 +18,9 @@ import os
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedgen.config import ConfigError, ExperimentConfig, to_config
 
 CHECKPOINT_GLOB = "round-*.pt"
 
@@ -74,6 +77,15 @@ class RunDir:
         """The last complete checkpoint ({'round', 'model', 'history'}), or None before round 1."""
         found = sorted(self.checkpoints.glob(CHECKPOINT_GLOB))
         return torch.load(found[-1], weights_only=False) if found else None
+
+    def experiment_config(self) -> ExperimentConfig:
+        """The resolved config the run was trained with (config.yaml)."""
+        if not self.config.exists():
+            raise FileNotFoundError(f"{self.root}: not a fedgen run directory (no config.yaml)")
+        raw = OmegaConf.load(self.config)
+        if not isinstance(raw, DictConfig):
+            raise ConfigError(f"{self.config}: not a fedgen config")
+        return to_config(raw)
 
     def read_metrics(self) -> dict:
         return json.loads(self.metrics.read_text()) if self.metrics.exists() else {}
