@@ -300,6 +300,7 @@ def test_plan_routes_overrides_and_refuses_bad_settings(tmp_path):
         (["+sweep.settings.eps4=['privacy=eps1']"], "already"),
         (["sweep.privacy=[]"], "no settings"),
         (["sweep.privacy=[none]", "federation.num_rounds=0"], "federation.num_rounds"),
+        (["sweep.privacy=[none,eps1]", "experiment=leak"], "does not train with privacy=eps1"),
     ):
         with pytest.raises(ConfigError, match=message):
             sweep.plan([f"runs_dir={tmp_path}", *bad])
