@@ -8,7 +8,6 @@ exactly who was a member. The attacks themselves only ever see the weights and t
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from fedgen.config import ExperimentConfig
 from fedgen.run_dir import RunDir
-from fedgen.silos import build_silos
+from fedgen.silos import build_silos, check_records
 
 
 @dataclass
@@ -60,7 +59,7 @@ def candidates_from_run(run_dir: str | Path, seed: int = 0, per_hospital: int | 
     rng = np.random.default_rng(seed)
     images, member, hospital, patient, training = [], [], [], [], []
     for silo in build_silos(cfg):
-        _check_records(run, silo)
+        check_records(silo, run.hospital_home(silo.hospital) / "records.json")
         n = min(len(silo.members), len(silo.heldout))
         if per_hospital:
             n = min(n, per_hospital)
@@ -75,17 +74,3 @@ def candidates_from_run(run_dir: str | Path, seed: int = 0, per_hospital: int | 
         Candidates(torch.cat(images), np.concatenate(member), np.concatenate(hospital), np.concatenate(patient)),
         torch.cat(training),
     )
-
-
-def _check_records(run: RunDir, silo) -> None:
-    path = run.hospital_home(silo.hospital) / "records.json"
-    if not path.exists():
-        return  # a hospital elsewhere keeps its records: nothing to compare here
-    recorded = json.loads(path.read_text())["roles"]
-    for role in ("member", "heldout"):
-        want = [r["hash"] for r in recorded[role]]
-        if want != silo.role(role).content_hashes():
-            raise ValueError(
-                f"hospital {silo.hospital}: the rebuilt {role} images differ from {path}; "
-                "the data or the code changed since training, so membership labels would be wrong"
-            )

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedgen.run_dir import RunDir  # noqa: E402
+from fedgen.run_dir import RunDir, read_json  # noqa: E402
 
 # Every HParams session declares these (value: an example of the type); absent values stay blank.
 HPARAMS = {
@@ -74,10 +74,6 @@ def number(value) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def run_row(run_dir: str | Path) -> dict:
     """One flat record of a run's setting, guarantee, utility and leakage (None where unknown)."""
     run = RunDir(run_dir)
@@ -86,8 +82,8 @@ def run_row(run_dir: str | Path) -> dict:
     metrics = run.read_metrics()
     summary = metrics.get("summary", {})
     ledgers = metrics.get("ledgers", {}).values()
-    utility = _read_json(run.root / "utility.json")
-    attack = _read_json(run.root / "attack.json")
+    utility = read_json(run.root / "utility.json")
+    attack = read_json(run.root / "attack.json")
     row = {
         "setting": run.root.name,
         "training": metrics.get("status", "not started"),

@@ -10,12 +10,11 @@ trade-off figure and a link to each run's report. Numbers come from the run's fi
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from fedgen.comparison import number, run_row
-from fedgen.run_dir import RunDir
+from fedgen.run_dir import RunDir, read_json
 
 UTILITY_DOC = "`docs/utility.md` in the fedgen repository"
 SAMPLES_TAG = "samples/fixed_noise"
@@ -42,10 +41,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def save_last_samples(run: RunDir) -> Path | None:
     """The last fixed-noise sample grid the run logged to TensorBoard, as `<run>/samples.png`."""
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
@@ -65,8 +60,8 @@ def write_run_report(run_dir: str | Path, row: dict | None = None) -> Path:
     run = RunDir(run_dir)
     row = row or run_row(run.root)
     metrics = run.read_metrics()
-    attack = _read(run.root / "attack.json")
-    utility = _read(run.root / "utility.json")
+    attack = read_json(run.root / "attack.json")
+    utility = read_json(run.root / "utility.json")
     samples = save_last_samples(run) if run.tensorboard.exists() else None
     parts = [
         f"# Privacy report: {row['setting']}",
@@ -118,12 +113,10 @@ def _summary(row: dict, attack: dict) -> str:
 
 
 def _trained(run: RunDir, row: dict, metrics: dict) -> str:
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(run.config)
+    cfg = run.experiment_config()
     sizes = []
     for home in run.hospital_homes():
-        records = _read(home / "records.json")
+        records = read_json(home / "records.json")
         if records:
             roles = records["roles"]
             sizes.append(

@@ -44,6 +44,11 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file written by `write_json`, or {} when it does not exist (yet)."""
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
@@ -88,7 +93,7 @@ class RunDir:
         return to_config(raw)
 
     def read_metrics(self) -> dict:
-        return json.loads(self.metrics.read_text()) if self.metrics.exists() else {}
+        return read_json(self.metrics)
 
     def is_complete(self) -> bool:
         return self.read_metrics().get("status") == "completed"

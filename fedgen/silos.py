@@ -161,6 +161,20 @@ def build_silos(cfg: ExperimentConfig) -> list[Silo]:
     return [make_silo(h, pool.subset(index), cfg) for h, index in enumerate(parts)]
 
 
+def check_records(silo: Silo, path: Path) -> None:
+    """Refuse a rebuilt silo whose members or held-out images differ from the hospital's
+    records.json (as written at training time). No file: the hospital keeps its records elsewhere."""
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text())["roles"]
+    for role in ("member", "heldout"):
+        if [r["hash"] for r in recorded[role]] != silo.role(role).content_hashes():
+            raise ValueError(
+                f"hospital {silo.hospital}: the rebuilt {role} images differ from {path}; "
+                "the data or the code changed since training, so membership labels would be wrong"
+            )
+
+
 def save_records(silos: list[Silo], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"hospitals": [s.records() for s in silos]}, indent=1))

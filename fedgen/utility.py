@@ -24,7 +24,6 @@ See docs/utility.md for what each number means and its caveats.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from fedgen.features import EncoderSettings, encoder_fingerprint, load_or_train_
 from fedgen.fidelity import frechet_distance, precision_recall
 from fedgen.run_dir import RunDir, write_json
 from fedgen.seeding import resolve_device, torch_generator
-from fedgen.silos import Silo, build_silos
+from fedgen.silos import Silo, build_silos, check_records
 from fedgen.tracking import FederationLogger
 
 SAMPLING_METHOD = "ddim"  # what the run's own sample grids use (fedgen.coordinator)
@@ -54,16 +53,7 @@ def _checked_silos(run: RunDir, cfg) -> list[Silo]:
     """The run's silos rebuilt from its config; refused if they disagree with the records."""
     silos = build_silos(cfg)
     for silo in silos:
-        path = run.hospital_home(silo.hospital) / "records.json"
-        if not path.exists():
-            continue  # a hospital elsewhere keeps its records: nothing to compare here
-        recorded = json.loads(path.read_text())["roles"]
-        for role in ("member", "heldout"):
-            if [r["hash"] for r in recorded[role]] != silo.role(role).content_hashes():
-                raise ValueError(
-                    f"hospital {silo.hospital}: the rebuilt {role} images differ from {path}; "
-                    "the data or the code changed since training"
-                )
+        check_records(silo, run.hospital_home(silo.hospital) / "records.json")
     return silos
 
 

@@ -9,12 +9,7 @@ from fedgen.downstream import ClassifierSettings, downstream_check, has_binary_l
 SETTINGS = ClassifierSettings(width=8, epochs=15)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blobs(n: int, seed: int, positive_rate: float = 0.5) -> tuple[torch.Tensor, np.ndarray]:

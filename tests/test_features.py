@@ -18,14 +18,7 @@ from fedgen.features import (
 from fedgen.fidelity import frechet_distance
 from fedgen.synthetic import generate_xrays
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: on a shared, oversubscribed machine a second thread makes each step slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
