@@ -128,7 +128,8 @@ def plan(overrides: list[str]) -> Plan:
             # named eps1 would silently train without DP.
             raise ConfigError(
                 f"sweep.privacy: setting '{name}' does not train with privacy={name}: another "
-                f"override ({' '.join(shared)}) changes the privacy settings after it"
+                f"override ({' '.join(shared)}) changes the privacy settings after it (a preset "
+                f"that turns DP off, like experiment=leak, has a twin for sweeps: experiment=leak_data)"
             )
     return Plan(sweep, folder, common, runs)
 
