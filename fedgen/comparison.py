@@ -107,6 +107,8 @@ def run_row(run_dir: str | Path) -> dict:
         "val_loss": number(utility.get("val_loss", summary.get("val_loss"))),
         "frechet_distance": number(utility.get("frechet_distance")),
         "frechet_distance_real": number(utility.get("frechet_distance_real")),
+        "val_loss_untrained": number(utility.get("val_loss_untrained")),
+        "frechet_distance_untrained": number(utility.get("frechet_distance_untrained")),
         "precision": number(utility.get("precision")),
         "precision_real": number(utility.get("precision_real")),
         "recall": number(utility.get("recall")),
@@ -249,6 +251,11 @@ def tradeoff_points(rows: list[dict]) -> list[dict]:
     return sorted(points, key=lambda p: math.inf if p["x"] is None else p["x"])
 
 
+def shared_value(rows: list[dict], key: str) -> float | None:
+    """A reference value the runs of a sweep share (e.g. the real images' Frechet distance)."""
+    return next((r[key] for r in rows if r.get(key) is not None), None)
+
+
 def tradeoff_figure(rows: list[dict], title: str = "privacy budget trade-off"):
     """Achieved epsilon (log x; no DP at the right edge) against utility (left y) and the strongest
     membership attack's AUC (right y). Returns (figure, points)."""
@@ -265,12 +272,12 @@ def tradeoff_figure(rows: list[dict], title: str = "privacy budget trade-off"):
     }[metric]
     _plot(left, xs, points, "utility", "o-", "tab:blue", label)
     a = [p["attack_auc"] for p in points if p["attack_auc"] is not None]
-    floor = next(
-        (r["frechet_distance_real"] for r in rows if r.get("frechet_distance_real") is not None),
-        None,
-    )
+    floor = shared_value(rows, "frechet_distance_real")
     if metric == "frechet_distance" and floor is not None:
         left.axhline(floor, color="tab:blue", ls=":", lw=1, label="real training images (floor)")
+    untrained = shared_value(rows, f"{metric}_untrained")
+    if untrained is not None:
+        left.axhline(untrained, color="tab:gray", ls="--", lw=1, label="untrained model (nothing learned)")
     _plot(right, xs, points, "attack_auc", "s--", "tab:red", "best attack AUC")
     if finite and len(finite) < len(points):  # no DP sits apart: epsilon is not a number there
         left.axvline(math.sqrt(max(finite) * no_dp_x), color="gray", ls=":", lw=0.8)

@@ -151,7 +151,31 @@ def to_config(cfg: DictConfig) -> ExperimentConfig:
 
 
 def load_config(overrides: list[str] | None = None) -> ExperimentConfig:
-    return to_config(compose(overrides))
+    overrides = list(overrides or [])
+    cfg = to_config(compose(overrides))
+    check_privacy_preset(overrides, cfg.privacy)
+    return cfg
+
+
+def check_privacy_preset(overrides: list[str], privacy: PrivacyConfig) -> None:
+    """`privacy=<preset>` must mean what it says. A preset composed after the privacy group (e.g.
+    experiment=leak turns DP off) would otherwise undo it silently: a run named eps1 without DP.
+    Explicit `privacy.<key>=` overrides are the user's own word and are left alone."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("privacy=")]
+    if not chosen or any(o.lstrip("~+").startswith("privacy.") for o in overrides):
+        return
+    preset = to_config(compose([f"privacy={chosen[-1]}"])).privacy
+
+    def promise(p: PrivacyConfig) -> tuple:
+        return (p.enabled, p.target_epsilon if p.enabled else None)
+
+    if promise(privacy) != promise(preset):
+        others = " ".join(o for o in overrides if not o.lstrip("+").startswith("privacy="))
+        raise ConfigError(
+            f"privacy={chosen[-1]}: the run does not train with privacy={chosen[-1]}: another override "
+            f"({others}) changes the privacy settings after it (a preset that sets privacy itself, like "
+            "experiment=leak or leak_dp, has a twin that leaves it to you: experiment=leak_data)"
+        )
 
 
 def _require(ok: bool, setting: str, message: str) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import sample_images
-from fedgen.model import build_scheduler, build_unet
+from fedgen.model import build_scheduler, initial_unet
 from fedgen.run_dir import RunDir, write_json
 from fedgen.seeding import torch_generator
 from fedgen.tracking import FederationLogger
@@ -35,8 +35,7 @@ class Coordinator:
         self.run_dir = run_dir
         self.log = log
         self.scheduler = build_scheduler(cfg.model)
-        torch.manual_seed(cfg.seed)
-        self.unet = build_unet(cfg.model, cfg.data.image_size)  # seeded init: reruns start equal
+        self.unet = initial_unet(cfg)
         self.fixed_noise = torch.randn(
             (cfg.federation.num_samples, 1, cfg.data.image_size, cfg.data.image_size),
             generator=torch_generator(cfg.seed, "fixed-noise"),

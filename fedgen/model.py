@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from fedgen.config import ModelConfig
+from fedgen.config import ExperimentConfig, ModelConfig
 
 
 def build_unet(cfg: ModelConfig, image_size: int) -> UNet2DModel:
@@ -21,6 +22,15 @@ def build_unet(cfg: ModelConfig, image_size: int) -> UNet2DModel:
         attention_head_dim=cfg.attention_head_dim,
         norm_num_groups=cfg.norm_num_groups,
     )
+
+
+def initial_unet(cfg: ExperimentConfig) -> UNet2DModel:
+    """The federation's round-0 global model: weights drawn from `cfg.seed`, so reruns start equal
+    and the utility evaluation can measure the untrained model a run started from. Leaves the
+    global torch RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_unet(cfg.model, cfg.data.image_size)
 
 
 def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:

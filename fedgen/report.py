@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fedgen.comparison import number, run_row
+from fedgen.comparison import number, run_row, shared_value
 from fedgen.run_dir import RunDir, read_json
 
 UTILITY_DOC = "`docs/utility.md` in the fedgen repository"
@@ -221,12 +221,17 @@ def _utility(row: dict, utility: dict) -> str:
     table = _table(
         ["measure", "value", "better"],
         [
-            ["validation denoising loss", fmt(row["val_loss"]), "lower"],
+            [
+                "validation denoising loss",
+                f"{fmt(row['val_loss'])} (untrained model: {fmt(row.get('val_loss_untrained'))})",
+                "lower",
+            ],
             [
                 "Frechet distance to held-out real images",
                 f"{fmt(row['frechet_distance'])} "
-                f"(real training images: {fmt(row['frechet_distance_real'])})",
-                "lower; the real images' value is the floor",
+                f"(real training images: {fmt(row['frechet_distance_real'])}; "
+                f"untrained model: {fmt(row.get('frechet_distance_untrained'))})",
+                "lower; real images score the floor, the untrained model where nothing was learned",
             ],
             [
                 "precision (samples that look real)",
@@ -245,7 +250,9 @@ def _utility(row: dict, utility: dict) -> str:
         f"{head}\n\n{table}\n\nWhat each number means and its caveats: {UTILITY_DOC}. "
         "The features come from an encoder trained on the real training images, the same for every "
         "run of a sweep; the comparison images are held-out patients no run trained on. In brackets: "
-        "what real images score, the best a generator can do."
+        "what real images score, the best a generator can do, and what the untrained model the "
+        "federation started from scores: a run near that value learned little, and attacks that find "
+        "nothing in it prove little."
     )
 
 
@@ -369,6 +376,20 @@ def sweep_table(rows: list[dict], links: bool = True) -> str:
     return _table([title for _, title in SWEEP_COLUMNS], body)
 
 
+def _sweep_references(rows: list[dict]) -> str:
+    """The ends of the utility scale, shared by every run: real images and the untrained model."""
+    keys = ("frechet_distance_real", "val_loss_untrained", "frechet_distance_untrained")
+    first = {key: shared_value(rows, key) for key in keys}
+    if all(v is None for v in first.values()):
+        return ""
+    return (
+        f"For scale: real training images score FD {fmt(first['frechet_distance_real'])} (the floor); "
+        f"the untrained model every run started from scores val loss {fmt(first['val_loss_untrained'])} "
+        f"and FD {fmt(first['frechet_distance_untrained'])} (nothing learned). A run near the untrained "
+        "model learned little, and attacks that find nothing in it prove little."
+    )
+
+
 def write_sweep_report(
     sweep_dir: str | Path, rows: list[dict], common: list[str], command: str
 ) -> Path:
@@ -382,6 +403,9 @@ def write_sweep_report(
         f"Settings shared by every run: `{' '.join(common) or '(defaults)'}`. Command: `{command}`.",
         sweep_table(rows),
     ]
+    references = _sweep_references(rows)
+    if references:
+        parts.append(references)
     if (sweep_dir / "tradeoff.png").exists():
         parts.append(
             "![privacy/utility trade-off](tradeoff.png)\n\nLeft axis: utility (lower is better). "

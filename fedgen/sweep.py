@@ -120,23 +120,10 @@ def plan(overrides: list[str]) -> Plan:
             )
         runs[name] = [*shared, *own, f"runs_dir={folder}", f"name={name}"]
         try:
-            cfg = load_config(runs[name])
+            load_config(runs[name])
         except Exception as err:
             raise ConfigError(f"sweep setting '{name}' ({' '.join(own)}): {err}") from err
-        if name in sweep.privacy and _budget(cfg.privacy) != _budget(load_config([f"privacy={name}"]).privacy):
-            # e.g. experiment=leak sets privacy.enabled=false after the privacy group: the run
-            # named eps1 would silently train without DP.
-            raise ConfigError(
-                f"sweep.privacy: setting '{name}' does not train with privacy={name}: another "
-                f"override ({' '.join(shared)}) changes the privacy settings after it (a preset "
-                f"that turns DP off, like experiment=leak, has a twin for sweeps: experiment=leak_data)"
-            )
     return Plan(sweep, folder, common, runs)
-
-
-def _budget(privacy) -> tuple:
-    """What a privacy setting promises: DP or not, and the target epsilon."""
-    return (privacy.enabled, privacy.target_epsilon if privacy.enabled else None)
 
 
 def run_sweep(overrides: list[str], command: str | None = None, log=print) -> list[dict]:

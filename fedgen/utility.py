@@ -17,7 +17,11 @@ leaks nothing. For one run directory this module
    images against the held-out images, the same for as many real training images (the floor a
    perfect generator would reach with that many samples), and the downstream check
    (`fedgen.downstream`) when the images have 0/1 labels;
-5. writes `utility.json` and `utility/...` scalars in the run's TensorBoard at the final round.
+5. measures the untrained model the run started from the same way (validation loss and Frechet
+   distance): the other end of the scale, so a reader can tell a model that learned little (a
+   DP run whose attacks find nothing proves little if it also learned nothing) from one that
+   learned;
+6. writes `utility.json` and `utility/...` scalars in the run's TensorBoard at the final round.
 
 See docs/utility.md for what each number means and its caveats.
 """
@@ -40,6 +44,8 @@ from fedgen.diffusion import sample_images
 from fedgen.downstream import downstream_check, has_binary_labels
 from fedgen.features import EncoderSettings, encoder_fingerprint, load_or_train_encoder
 from fedgen.fidelity import frechet_distance, precision_recall
+from fedgen.hospital import Hospital
+from fedgen.model import initial_unet
 from fedgen.run_dir import RunDir, write_json
 from fedgen.seeding import resolve_device, torch_generator
 from fedgen.silos import Silo, build_silos, check_records
@@ -95,6 +101,14 @@ def _final_validation(run: RunDir) -> tuple[float, int]:
     return val_loss, int(history[-1]["round"]) if history else 0
 
 
+def _untrained_validation_loss(run: RunDir, cfg, silos: list[Silo], unet: UNet2DModel) -> float:
+    """The hospitals' validation loss of `unet`, by the protocol of the run's own evaluation."""
+    state = unet.state_dict()
+    losses = [Hospital(cfg, s, run.hospital_home(s.hospital)).evaluate(state)["val-loss"] for s in silos]
+    finite = [v for v in losses if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def evaluate_utility(
     run_dir: str | Path,
     encoder_path: str | Path | None = None,
@@ -140,15 +154,19 @@ def evaluate_utility(
     generated = generate(
         unet, scheduler, num_samples, cfg.data.image_size, steps, batch_size, seed, progress, device
     )
-    log(f"utility: generated {num_samples} images in {time.perf_counter() - phase:.1f} s")
+    untrained = initial_unet(cfg)
+    generated_untrained = generate(
+        untrained, scheduler, num_samples, cfg.data.image_size, steps, batch_size, seed, False, device
+    )
+    log(f"utility: generated {num_samples} images (and as many untrained) in {time.perf_counter() - phase:.1f} s")
 
     rng = np.random.default_rng([seed, 7])
     floor_index = np.sort(
         rng.choice(len(training), size=min(num_samples, len(training)), replace=False)
     )
     real_reference = training.images[torch.from_numpy(floor_index)]
-    f_gen, f_held, f_real = (
-        encoder.features(x) for x in (generated, heldout.images, real_reference)
+    f_gen, f_held, f_real, f_untrained = (
+        encoder.features(x) for x in (generated, heldout.images, real_reference, generated_untrained)
     )
     fake_pr = precision_recall(f_held, f_gen, NEAREST_NEIGHBOURS)
     real_pr = precision_recall(f_held, f_real, NEAREST_NEIGHBOURS)
@@ -175,6 +193,8 @@ def evaluate_utility(
         "frechet_distance_real": frechet_distance(f_held, f_real),
         "precision_real": real_pr.precision,
         "recall_real": real_pr.recall,
+        "val_loss_untrained": _untrained_validation_loss(run, cfg, silos, untrained),
+        "frechet_distance_untrained": frechet_distance(f_held, f_untrained),
         "k": NEAREST_NEIGHBOURS,
         "downstream": downstream,
         "encoder_kind": encoder.kind,
@@ -192,7 +212,8 @@ def evaluate_utility(
     write_json(run.root / "utility.json", result)
     _log_scalars(run, result, final_round)
     log(
-        f"utility: FD {result['frechet_distance']:.3g} (real floor {result['frechet_distance_real']:.3g}) | "
+        f"utility: FD {result['frechet_distance']:.3g} (real floor {result['frechet_distance_real']:.3g}, "
+        f"untrained {result['frechet_distance_untrained']:.3g}) | "
         f"precision {fake_pr.precision:.2f} | recall {fake_pr.recall:.2f}"
         + (
             f" | downstream AUC {downstream['auc']:.2f} (real {downstream['baseline_auc']:.2f})"

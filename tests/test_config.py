@@ -40,3 +40,16 @@ def test_wrong_type_or_unknown_key_fails_at_composition():
         load_config(["federation.num_hospitals=many"])
     with pytest.raises(ConfigCompositionException):
         load_config(["federation.num_hospital=3"])
+
+
+def test_a_privacy_preset_that_a_later_preset_undoes_is_refused():
+    # experiment=leak turns DP off after the privacy group: "privacy=eps1" would train without DP.
+    for preset in ("leak", "leak_dp"):
+        with pytest.raises(ConfigError, match="does not train with privacy=eps1.*experiment=leak_data"):
+            load_config([f"experiment={preset}", "privacy=eps1"])
+    twin = load_config(["experiment=leak_data", "privacy=eps1"])
+    leak = load_config(["experiment=leak"])
+    assert (twin.privacy.enabled, twin.privacy.target_epsilon) == (True, 1.0)
+    assert (twin.data, twin.training, twin.federation) == (leak.data, leak.training, leak.federation)
+    # An explicit key override is the user's own word.
+    assert load_config(["privacy=eps1", "privacy.target_epsilon=2"]).privacy.target_epsilon == 2.0

@@ -50,6 +50,8 @@ def fabricate_run(overrides: list[str], seed: int, parts=("train", "attack", "ut
                 "val_loss": float(rng.uniform(0.1, 0.5)),
                 "frechet_distance": float(rng.uniform(5, 50)),
                 "frechet_distance_real": 1.5,
+                "val_loss_untrained": 0.98,
+                "frechet_distance_untrained": 123.0,
                 "precision": float(rng.uniform()),
                 "recall": float(rng.uniform()),
                 "downstream": {
@@ -145,6 +147,9 @@ def expected(run: RunDir) -> dict:
         "epsilon": number(metrics["summary"]["epsilon_max"]),
         "val_loss": utility.get("val_loss", metrics["summary"]["val_loss"]),
         "frechet_distance": utility.get("frechet_distance"),
+        "frechet_distance_real": utility.get("frechet_distance_real"),
+        "val_loss_untrained": utility.get("val_loss_untrained"),
+        "frechet_distance_untrained": utility.get("frechet_distance_untrained"),
         "precision": utility.get("precision"),
         "recall": utility.get("recall"),
         "downstream_auc": (utility.get("downstream") or {}).get("auc"),
@@ -206,6 +211,8 @@ def check_outputs(folder: Path, runs: dict[str, RunDir]) -> None:
             "precision",
             "recall",
             "val_loss",
+            "val_loss_untrained",
+            "frechet_distance_untrained",
         ):
             assert want[field] is None or fmt(want[field]) in report, field
         if cfg.privacy.enabled:
@@ -229,6 +236,10 @@ def check_outputs(folder: Path, runs: dict[str, RunDir]) -> None:
             "downstream_auc",
         ):
             assert f"| {fmt(want[field])} |" in row_line + " |", field
+    # The utility scale's ends, shared by the runs, are in the sweep report and each run's report.
+    for reference in ("val_loss_untrained", "frechet_distance_untrained", "frechet_distance_real"):
+        value = fmt(want[reference])
+        assert want[reference] is None or value in sweep_report, reference
     for link in _image_links(sweep_report):
         assert (folder / link).exists(), link
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator

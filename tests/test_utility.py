@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fedgen import utility
 from fedgen.config import load_config
 from fedgen.dataset import ImageSet
-from fedgen.model import build_scheduler, build_unet
+from fedgen.model import build_scheduler, initial_unet
 from fedgen.run_dir import RunDir, write_json
 from fedgen.silos import build_silos
 from fedgen.utility import evaluate_utility
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def make_run(root: Path, overrides: list[str]) -> RunDir:
     """A run directory as fedgen writes one (config, records, metrics, released pipeline), with
-    an untrained UNet as the released model."""
+    the untrained UNet the run would have started from as the released model."""
     cfg = load_config(overrides)
     run = RunDir(root)
     run.root.mkdir(parents=True)
@@ -45,8 +45,7 @@ def make_run(root: Path, overrides: list[str]) -> RunDir:
     for silo in build_silos(cfg):
         run.hospital_home(silo.hospital).mkdir(parents=True)
         (run.hospital_home(silo.hospital) / "records.json").write_text(json.dumps(silo.records()))
-    torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg.model, cfg.data.image_size)
+    unet = initial_unet(cfg)
     DDPMPipeline(unet=unet, scheduler=build_scheduler(cfg.model)).save_pretrained(str(run.pipeline))
     history = [{"round": r, "val_loss": 1.0 / r} for r in range(1, FINAL_ROUND + 1)]
     summary = {"val_loss": history[-1]["val_loss"], "rounds_completed": FINAL_ROUND}
@@ -75,6 +74,9 @@ def test_untrained_model_is_far_from_the_real_floor(run, noise_result):
     assert r["val_loss"] == pytest.approx(1.0 / FINAL_ROUND)
     assert r["round"] == FINAL_ROUND
     assert r["frechet_distance"] > 10 * r["frechet_distance_real"]
+    # The released model here is the one the run started from: both ends agree.
+    assert r["frechet_distance_untrained"] == pytest.approx(r["frechet_distance"])
+    assert r["val_loss_untrained"] > 0.5  # eps predicted from scratch: error ~ the noise's variance
     assert r["precision"] < 0.1
     assert r["precision_real"] > 0.5
     assert r["num_samples"] == 48 and r["num_real_reference"] == 48
