@@ -21,8 +21,9 @@ from attacks.empirical_epsilon import one_run_epsilon_lb_best
 from attacks.extraction import ExtractionConfig, find_copies, generate, pairs_grid, unique_images
 from attacks.membership import ATTACKS, build_attack
 from attacks.metrics import AttackResult, evaluate_scores
-from attacks.targets import candidates_from_run, load_released, load_run_config
+from attacks.targets import candidates_from_run, load_run_config
 from fedgen.diffusion import sample_images
+from fedgen.model import load_released
 from fedgen.run_dir import RunDir, write_json
 from fedgen.silos import build_silos
 

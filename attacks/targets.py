@@ -29,21 +29,6 @@ class Candidates:
     patient: np.ndarray
 
 
-def load_released(path: str | Path):
-    """(unet, scheduler) from a run directory or any diffusers DDPMPipeline / UNet2DModel folder."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    path = Path(path)
-    if (path / "pipeline" / "model_index.json").exists():
-        path = path / "pipeline"
-    if (path / "model_index.json").exists():
-        pipe = DDPMPipeline.from_pretrained(str(path), low_cpu_mem_usage=False)
-        return pipe.unet.eval(), pipe.scheduler
-    if (path / "config.json").exists():  # a bare UNet2DModel folder: assume the standard schedule
-        return UNet2DModel.from_pretrained(str(path), low_cpu_mem_usage=False).eval(), DDPMScheduler(num_train_timesteps=1000)
-    raise FileNotFoundError(f"{path}: no diffusers pipeline (model_index.json) or UNet (config.json)")
-
-
 def load_run_config(run_dir: RunDir) -> ExperimentConfig:
     return run_dir.experiment_config()
 

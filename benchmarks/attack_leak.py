@@ -34,7 +34,8 @@ def run(command: list[str]) -> float:
 def attack_cost(run_dir: Path, batch_size: int = 64, images: int = 128) -> dict:
     """Seconds per image of each attack over (queries per image x seconds per forward per image)."""
     from attacks.membership import ATTACKS, build_attack
-    from attacks.targets import candidates_from_run, load_released
+    from attacks.targets import candidates_from_run
+    from fedgen.model import load_released
 
     unet, scheduler = load_released(run_dir)
     candidates, _ = candidates_from_run(run_dir, per_hospital=images // 4)

@@ -1,6 +1,9 @@
-"""The denoising network: a diffusers UNet2DModel built from `ModelConfig`, and its DDPM schedule."""
+"""The denoising network: a diffusers UNet2DModel built from `ModelConfig`, its DDPM schedule, the
+federation's initial model, and loading a released one."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -45,3 +48,18 @@ def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 
 def count_parameters(model: UNet2DModel) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def load_released(path: str | Path):
+    """(unet, scheduler) from a run directory or any diffusers DDPMPipeline / UNet2DModel folder."""
+    from diffusers import DDPMPipeline
+
+    path = Path(path)
+    if (path / "pipeline" / "model_index.json").exists():
+        path = path / "pipeline"
+    if (path / "model_index.json").exists():
+        pipe = DDPMPipeline.from_pretrained(str(path), low_cpu_mem_usage=False)
+        return pipe.unet.eval(), pipe.scheduler
+    if (path / "config.json").exists():  # a bare UNet2DModel folder: assume the standard schedule
+        return UNet2DModel.from_pretrained(str(path), low_cpu_mem_usage=False).eval(), DDPMScheduler(num_train_timesteps=1000)
+    raise FileNotFoundError(f"{path}: no diffusers pipeline (model_index.json) or UNet (config.json)")

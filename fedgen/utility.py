@@ -38,14 +38,13 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from attacks.targets import load_released, load_run_config
 from fedgen.dataset import ImageSet
 from fedgen.diffusion import sample_images
 from fedgen.downstream import downstream_check, has_binary_labels
 from fedgen.features import EncoderSettings, encoder_fingerprint, load_or_train_encoder
 from fedgen.fidelity import frechet_distance, precision_recall
 from fedgen.hospital import Hospital
-from fedgen.model import initial_unet
+from fedgen.model import initial_unet, load_released
 from fedgen.run_dir import RunDir, write_json
 from fedgen.seeding import resolve_device, torch_generator
 from fedgen.silos import Silo, build_silos, check_records
@@ -131,7 +130,7 @@ def evaluate_utility(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     started = time.perf_counter()
     run = RunDir(run_dir)
-    cfg = load_run_config(run)
+    cfg = run.experiment_config()
     val_loss, final_round = _final_validation(run)
     device = resolve_device("auto")
 

@@ -101,7 +101,7 @@ def test_encoder_is_cached_beside_the_run_and_scalars_are_in_tensorboard(run, no
 
 
 def test_a_generator_returning_real_images_sits_at_the_floor(run, noise_result, monkeypatch):
-    cfg = utility.load_run_config(run)
+    cfg = run.experiment_config()
     unseen = ImageSet.concat([s.validation for s in build_silos(cfg)]).images
 
     def real_images(unet, scheduler, num_samples, *args, **kwargs):
