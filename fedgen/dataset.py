@@ -65,6 +65,19 @@ class ImageSet:
             sources=np.concatenate([p.sources for p in parts]),
         )
 
+    def fingerprint(self, *salts: str) -> str:
+        """16 hex digits from `salts` (what is derived from the set, e.g. a format and settings),
+        then the images (8-bit content, in order), labels and sources: names a cached artefact."""
+        h = hashlib.sha256()
+        for salt in salts:
+            h.update(salt.encode())
+        h.update(str(tuple(self.images.shape)).encode())
+        quantised = ((self.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        h.update(quantised.numpy().tobytes())
+        h.update(np.asarray(self.labels, dtype=np.int64).tobytes())
+        h.update("\n".join(str(s) for s in self.sources).encode())
+        return h.hexdigest()[:16]
+
     def content_hashes(self) -> list[str]:
         """sha256 of each image quantised to 8 bits: stable across float noise, unique per image."""
         quantised = ((self.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

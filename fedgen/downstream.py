@@ -20,13 +20,22 @@ Caveats:
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
+
+from fedgen.dataset import ImageSet
+
+LABELLER_FORMAT = "fedgen-finding-labeller/1"
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,45 @@ def _auc_and_accuracy(labels: np.ndarray, probabilities: np.ndarray) -> tuple[fl
     return float(roc_auc_score(labels, probabilities)), accuracy
 
 
+def load_or_train_labeller(
+    path: str | Path,
+    training: ImageSet,
+    settings: ClassifierSettings = ClassifierSettings(),
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+) -> FindingClassifier:
+    """The baseline classifier (the labeller) for `training`'s images and 0/1 labels, cached at
+    `path`: every run of a sweep shares its training images, so it is trained once. A file
+    trained on other images or settings is refused."""
+    path = Path(path)
+    fingerprint = labeller_fingerprint(training, settings)
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("format") != LABELLER_FORMAT or saved.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{path} is not the finding labeller of these training images and settings "
+                f"(fingerprint {saved.get('fingerprint')}; these give {fingerprint}): delete it to retrain"
+            )
+        net = FindingClassifier(settings.width)
+        net.load_state_dict(saved["state_dict"])
+        return net.to(device).eval()
+    started = time.perf_counter()
+    net = train_classifier(
+        training.images, torch.from_numpy(np.asarray(training.labels, dtype=np.float32)), settings, device
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    state = {k: v.cpu() for k, v in net.state_dict().items()}
+    torch.save({"format": LABELLER_FORMAT, "fingerprint": fingerprint, "state_dict": state}, tmp)
+    os.replace(tmp, path)  # training is deterministic: concurrent writers write the same weights
+    log(f"finding labeller: trained on {len(training)} images in {time.perf_counter() - started:.1f} s -> {path}")
+    return net
+
+
+def labeller_fingerprint(training: ImageSet, settings: ClassifierSettings = ClassifierSettings()) -> str:
+    return training.fingerprint(LABELLER_FORMAT, json.dumps(asdict(settings), sort_keys=True))
+
+
 def downstream_check(
     train_images: torch.Tensor,
     train_labels: np.ndarray,
@@ -143,19 +191,23 @@ def downstream_check(
     generated: torch.Tensor,
     settings: ClassifierSettings = ClassifierSettings(),
     device: str | torch.device = "cpu",
+    labeller: FindingClassifier | None = None,
 ) -> DownstreamResult:
     """Baseline (real train -> real test) and synthetic (generated, pseudo-labelled -> real test).
 
     train_images [N,1,H,W] with labels [N] in {0, 1}; test_images [M,1,H,W] with labels [M];
-    generated [G,1,H,W]. Both label sets must hold both classes.
+    generated [G,1,H,W]. Both label sets must hold both classes. `labeller`: the baseline
+    classifier already trained on these training images with `settings` (`load_or_train_labeller`);
+    trained here when None.
     """
     for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
         if not has_binary_labels(labels):
             raise ValueError(f"{name} must be 0/1 with both classes present")
     train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
-    labeller = train_classifier(
-        train_images, torch.from_numpy(train_labels.astype(np.float32)), settings, device
-    )
+    if labeller is None:
+        labeller = train_classifier(
+            train_images, torch.from_numpy(train_labels.astype(np.float32)), settings, device
+        )
     baseline_auc, baseline_accuracy = _auc_and_accuracy(test_labels, predict(labeller, test_images))
     pseudo = (predict(labeller, generated) >= 0.5).astype(np.float32)
     if has_binary_labels(pseudo):

@@ -161,14 +161,7 @@ class Encoder:
 
 def encoder_fingerprint(data: ImageSet, settings: EncoderSettings) -> str:
     """16 hex digits from the images (8-bit content, in order), labels, sources and settings."""
-    h = hashlib.sha256(ENCODER_FORMAT.encode())
-    h.update(json.dumps(asdict(settings), sort_keys=True).encode())
-    h.update(str(tuple(data.images.shape)).encode())
-    quantised = ((data.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    h.update(quantised.numpy().tobytes())
-    h.update(np.asarray(data.labels, dtype=np.int64).tobytes())
-    h.update("\n".join(str(s) for s in data.sources).encode())
-    return h.hexdigest()[:16]
+    return data.fingerprint(ENCODER_FORMAT, json.dumps(asdict(settings), sort_keys=True))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ leaks nothing. For one run directory this module
    so the reference stays unseen by every instrument that measures against it;
 3. trains or loads the feature encoder (`fedgen.features`), cached by default beside the run
    directory, `<runs parent>/encoder-<fingerprint>.pt`, so every run of a sweep under one parent
-   directory is measured with the same encoder (when they share their training images);
+   directory is measured with the same encoder (when they share their training images); the
+   downstream check's labeller is cached the same way (`labeller-<fingerprint>.pt`);
 4. computes the Frechet distance, precision and recall (`fedgen.fidelity`) of the generated
    images against the held-out images, the same for as many real training images (the floor a
    perfect generator would reach with that many samples), and the downstream check
@@ -40,7 +41,12 @@ from tqdm.auto import tqdm
 
 from fedgen.dataset import ImageSet
 from fedgen.diffusion import sample_images
-from fedgen.downstream import downstream_check, has_binary_labels
+from fedgen.downstream import (
+    downstream_check,
+    has_binary_labels,
+    labeller_fingerprint,
+    load_or_train_labeller,
+)
 from fedgen.features import EncoderSettings, encoder_fingerprint, load_or_train_encoder
 from fedgen.fidelity import frechet_distance, precision_recall
 from fedgen.hospital import Hospital
@@ -173,6 +179,9 @@ def evaluate_utility(
     downstream = None
     if has_binary_labels(training.labels) and has_binary_labels(heldout.labels):
         phase = time.perf_counter()
+        labeller = load_or_train_labeller(
+            run.root.parent / f"labeller-{labeller_fingerprint(training)}.pt", training, device=device, log=log
+        )
         downstream = downstream_check(
             training.images,
             training.labels,
@@ -180,6 +189,7 @@ def evaluate_utility(
             heldout.labels,
             generated,
             device=device,
+            labeller=labeller,
         ).to_dict()
         log(f"utility: downstream check in {time.perf_counter() - phase:.1f} s")
 

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedgen.downstream import ClassifierSettings, downstream_check, has_binary_labels
+from fedgen.dataset import ImageSet
+from fedgen.downstream import (
+    ClassifierSettings,
+    downstream_check,
+    has_binary_labels,
+    load_or_train_labeller,
+    predict,
+)
 
 SETTINGS = ClassifierSettings(width=8, epochs=15)
 
@@ -49,3 +56,21 @@ def test_labels_must_be_binary_with_both_classes():
     x, y = _blobs(10, seed=0)
     with pytest.raises(ValueError, match="test_labels"):
         downstream_check(x, y, x, np.zeros(10, dtype=np.int64), x, SETTINGS)
+
+
+def test_the_labeller_is_cached_and_a_foreign_cache_is_refused(tmp_path):
+    x, y = _blobs(120, seed=0)
+    training = ImageSet(x, np.arange(120).astype(str), y, np.full(120, "a"))
+    path = tmp_path / "labeller.pt"
+    logs: list[str] = []
+    trained = load_or_train_labeller(path, training, SETTINGS, log=logs.append)
+    loaded = load_or_train_labeller(path, training, SETTINGS, log=logs.append)
+    assert len(logs) == 1 and path.exists()  # trained once, then loaded
+    np.testing.assert_allclose(predict(loaded, x), predict(trained, x), rtol=1e-6)
+    test_x, test_y = _blobs(100, seed=1)
+    fresh = downstream_check(x, y, test_x, test_y, test_x, SETTINGS)
+    cached = downstream_check(x, y, test_x, test_y, test_x, SETTINGS, labeller=loaded)
+    assert cached.baseline_auc == pytest.approx(fresh.baseline_auc)
+    other = ImageSet(x, training.patient_ids, 1 - y, training.sources)  # other labels
+    with pytest.raises(ValueError, match="not the finding labeller"):
+        load_or_train_labeller(path, other, SETTINGS)

@@ -110,8 +110,10 @@ def test_a_generator_returning_real_images_sits_at_the_floor(run, noise_result, 
     monkeypatch.setattr(utility, "generate", real_images)
     logs: list[str] = []
     r = evaluate_utility(run.root, num_samples=len(unseen), progress=False, log=logs.append)
-    assert not any("trained on" in line for line in logs)  # the cached encoder was loaded
+    assert not any("trained on" in line for line in logs)  # the cached encoder and labeller were loaded
     assert r["encoder_fingerprint"] == noise_result["encoder_fingerprint"]
+    assert len(list(run.root.parent.glob("labeller-*.pt"))) == 1
+    assert r["downstream"]["baseline_auc"] == noise_result["downstream"]["baseline_auc"]
     assert r["frechet_distance"] < 3 * r["frechet_distance_real"]
     assert r["precision"] > 0.5
 
