@@ -211,7 +211,12 @@ def _extraction(cfg, unet, scheduler, training, ex: ExtractionConfig, progress):
     if ex.num_samples <= 0:
         return {"num_samples": 0, "num_flagged": 0}, None
     shape = (1, cfg.data.image_size, cfg.data.image_size)
-    samples = generate(lambda noise: sample_images(unet, scheduler, noise, "ddim", ex.sampling_steps), shape, ex, progress)
+    samples = generate(
+        lambda noise, gen: sample_images(unet, scheduler, noise, ex.sampling_method, ex.sampling_steps, generator=gen),
+        shape,
+        ex,
+        progress,
+    )
     unique = unique_images(training)
     result = find_copies(samples, unique, ex)
     summary = {k: v for k, v in result.to_dict().items() if not isinstance(v, list) or k.startswith("flagged")}
@@ -223,7 +228,7 @@ def _write(run: RunDir, report: dict, overall: dict[str, AttackResult], copies, 
     from torch.utils.tensorboard import SummaryWriter
 
     from attacks.plots import roc_figure
-    from fedgen.images import grid_array, save_grid
+    from fedgen.images import display_upscale, grid_array, save_grid
 
     write_json(run.root / "attack.json", report)
     fig = roc_figure(overall, title=f"membership inference: {run.root.name}")
@@ -237,5 +242,6 @@ def _write(run: RunDir, report: dict, overall: dict[str, AttackResult], copies, 
         tb.add_scalar("attack/extraction/flagged", report["extraction"]["num_flagged"], step)
         tb.add_figure("attack/roc", fig, step)
         if copies is not None and len(copies):
-            save_grid(copies, run.root / "extraction.png", nrow=8, upscale=2)
-            tb.add_image("attack/extraction_pairs", grid_array(copies, nrow=8, upscale=2), step, dataformats="HWC")
+            upscale = display_upscale(copies.shape[-1])
+            save_grid(copies, run.root / "extraction.png", nrow=8, upscale=upscale)
+            tb.add_image("attack/extraction_pairs", grid_array(copies, nrow=8, upscale=upscale), step, dataformats="HWC")

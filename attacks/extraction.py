@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 class ExtractionConfig:
     num_samples: int = 256
     batch_size: int = 64
-    sampling_steps: int = 50  # DDIM steps
+    sampling_steps: int = 50
+    sampling_method: str = "ddpm"  # ancestral, as fedgen's own samples (fedgen.diffusion.sample_images)
     ratio: float = 3.0  # NN1 < NN2 / ratio
     neighbours: int = 50  # Carlini's k
     alpha: float = 0.5
@@ -88,15 +89,19 @@ def find_copies(samples: torch.Tensor, training: torch.Tensor, cfg: ExtractionCo
 
 
 def generate(
-    sample_fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], cfg: ExtractionConfig, progress: bool = True
+    sample_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    shape: tuple[int, ...],
+    cfg: ExtractionConfig,
+    progress: bool = True,
 ) -> torch.Tensor:
-    """Generate cfg.num_samples images in batches; `sample_fn(noise [B,...]) -> images [B,...]`."""
+    """Generate cfg.num_samples images in batches; `sample_fn(noise [B,...], generator) -> images
+    [B,...]`, the generator (seeded by cfg.seed) for any noise the sampler draws on the way."""
     gen = torch.Generator().manual_seed(cfg.seed)
     out = []
     with tqdm(total=cfg.num_samples, desc="extraction: sampling", unit="img", disable=not progress) as bar:
         for start in range(0, cfg.num_samples, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_samples - start)
-            out.append(sample_fn(torch.randn((n, *shape), generator=gen)).cpu())
+            out.append(sample_fn(torch.randn((n, *shape), generator=gen), gen).cpu())
             bar.update(n)
     return torch.cat(out)
 

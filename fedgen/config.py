@@ -92,7 +92,11 @@ class FederationConfig:
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     sample_every: int = 1  # rounds between fixed-noise sample grids in TensorBoard
     num_samples: int = 16
-    sampling_steps: int = 25  # DDIM steps for the grids
+    sampling_steps: int = 25  # denoising steps for the grids and the utility samples
+    # "ddpm" (ancestral: fresh noise at each step) or "ddim" (deterministic). DDPM forgives the
+    # noise-prediction errors DP training leaves: a DP model whose DDIM samples are noise draws
+    # recognisable X-rays with DDPM at the same number of steps.
+    sampling_method: str = "ddpm"
     client_cpus: int = 1  # simulation: CPU cores reserved per simulated hospital
     # simulation on one machine: hospitals that train at once (0: all of them, at most 8). Ray is
     # told there are this many x client_cpus CPUs, so 3 hospitals on 2 cores train side by side
@@ -243,6 +247,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(
         f.strategy in ("fedavg", "fedprox", "fedadam"), "federation.strategy", f"unknown '{f.strategy}'"
     )
+    _require(
+        f.sampling_method in ("ddpm", "ddim"),
+        "federation.sampling_method",
+        f"must be 'ddpm' or 'ddim', got '{f.sampling_method}'",
+    )
+    _require(f.sampling_steps >= 1, "federation.sampling_steps", f"must be >= 1, got {f.sampling_steps}")
     _require(
         f.partitioning in ("iid", "dirichlet", "quantity", "source"),
         "federation.partitioning",

@@ -117,9 +117,10 @@ class Coordinator:
 
     # --- outputs -----------------------------------------------------------------------------
     def samples(self) -> torch.Tensor:
-        return sample_images(
-            self.unet, self.scheduler, self.fixed_noise, "ddim", self.cfg.federation.sampling_steps
-        )
+        f = self.cfg.federation
+        # The same noise at every step of every round: grids differ only by the model.
+        steps = [torch_generator(self.cfg.seed, "fixed-noise-steps", i) for i in range(len(self.fixed_noise))]
+        return sample_images(self.unet, self.scheduler, self.fixed_noise, f.sampling_method, f.sampling_steps, generator=steps)
 
     def ledgers(self) -> dict:
         """Each hospital's privacy account as it last reported it (the hospital keeps the file)."""

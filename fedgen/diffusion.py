@@ -81,15 +81,17 @@ def sample_images(
     method: str = "ddim",
     num_inference_steps: int | None = None,
     progress: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Generate images from starting noise [B,C,H,W] with DDPM (ancestral) or DDIM (eta=0).
 
     num_inference_steps: DDIM defaults to 50; DDPM to the full training chain (fewer is allowed:
     diffusers then skips timesteps).
 
-    Fixed `noise` gives the same images from the same model, which makes round-by-round sample
-    grids comparable. Returns [B,C,H,W] clipped to [-1, 1].
+    Fixed `noise` (and for DDPM a fixed `generator` for the noise added at each step; a list of
+    one generator per image makes each image independent of the batch it is in) gives the same
+    images from the same model, which makes round-by-round sample grids comparable. Returns
+    [B,C,H,W] clipped to [-1, 1].
     """
     if method == "ddim":
         sampler = DDIMScheduler.from_config(scheduler.config)

@@ -47,3 +47,8 @@ def save_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
+
+
+def display_upscale(image_size: int, target: int = 64) -> int:
+    """Pixel repeat that shows small images at about `target` pixels (16 px images: 4x)."""
+    return max(1, target // max(1, image_size))

@@ -132,6 +132,9 @@ def run_sweep(overrides: list[str], command: str | None = None, log=print) -> li
     p = plan(overrides)
     command = command or " ".join(["fedgen", "sweep", *overrides])
     p.folder.mkdir(parents=True, exist_ok=True)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars, twice per run
     previous = {r["setting"]: r for r in _read_rows(p.folder)}
     log(f"sweep '{p.sweep.name}': {len(p.runs)} settings ({', '.join(p.runs)}) in {p.folder}")
     rows = {name: previous.get(name, {"setting": name, "status": "pending"}) for name in p.runs}
@@ -243,9 +246,6 @@ def _attack(run: RunDir, s: SweepAttack, log) -> str:
         if alarms:  # found by an earlier attack: still a failure
             raise AuditAlarm("; ".join(alarms))
         return "skipped (attack.json exists)"
-    from diffusers.utils import logging as diffusers_logging
-
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars, once per run
     settings = AuditSettings(
         attacks=tuple(s.attacks), per_hospital=s.per_hospital, batch_size=s.batch_size
     )

@@ -15,7 +15,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from fedgen.config import ExperimentConfig
-from fedgen.images import grid_array
+from fedgen.images import display_upscale, grid_array
 
 
 def _mean(values: list[float]) -> float:
@@ -54,7 +54,9 @@ class FederationLogger:
 
     def log_samples(self, images: torch.Tensor, step: int, tag: str = "samples/fixed_noise") -> None:
         """images [N,1,H,W] in [-1,1], shown as one grid."""
-        grid = grid_array(images, nrow=int(math.ceil(math.sqrt(len(images)))), upscale=2)
+        grid = grid_array(
+            images, nrow=int(math.ceil(math.sqrt(len(images)))), upscale=display_upscale(images.shape[-1])
+        )
         self.writer.add_image(tag, grid, step, dataformats="HWC")
         self.writer.flush()
 

@@ -3,8 +3,8 @@
 Leakage figures only mean something next to utility figures: a model that learned nothing
 leaks nothing. For one run directory this module
 
-1. loads the released pipeline and generates `num_samples` images from fixed-seed noise (DDIM
-   with the run's `federation.sampling_steps`, as the run's own sample grids);
+1. loads the released pipeline and generates `num_samples` images from fixed-seed noise (the
+   run's `federation.sampling_method` and `sampling_steps`, as the run's own sample grids);
 2. rebuilds the run's real images from its config, checked against the hospitals' records:
    the training images (every hospital's members) and the held-out images (non-members, never
    trained on, same distribution). The held-out images are the reference the generated images
@@ -56,7 +56,6 @@ from fedgen.seeding import resolve_device, torch_generator
 from fedgen.silos import Silo, build_silos, check_records
 from fedgen.tracking import FederationLogger
 
-SAMPLING_METHOD = "ddim"  # what the run's own sample grids use (fedgen.coordinator)
 NEAREST_NEIGHBOURS = 3  # k of improved precision and recall (Kynkaenniemi et al. 2019)
 
 
@@ -73,23 +72,27 @@ def generate(
     scheduler: DDPMScheduler,
     num_samples: int,
     image_size: int,
-    steps: int,
+    sampling: tuple[str, int],
     batch_size: int,
     seed: int,
     progress: bool,
     device: torch.device,
 ) -> torch.Tensor:
-    """num_samples images [N,1,S,S] in [-1,1] from noise drawn once from (seed, "utility-samples"):
-    the same images whatever the batch size."""
+    """num_samples images [N,1,S,S] in [-1,1] by `sampling` = (method, steps), from noise drawn
+    once from (seed, "utility-samples") and, for DDPM, one step-noise stream per image: the same
+    images whatever the batch size."""
     noise = torch.randn(
         (num_samples, 1, image_size, image_size), generator=torch_generator(seed, "utility-samples")
     )
+    method, steps = sampling
     unet = unet.to(device)
     out = []
     with tqdm(total=num_samples, desc="generating", unit="img", disable=not progress) as bar:
-        for batch in noise.split(batch_size):
+        for start in range(0, num_samples, batch_size):
+            batch = noise[start : start + batch_size]
+            streams = [torch_generator(seed, "utility-steps", start + i) for i in range(len(batch))]
             out.append(
-                sample_images(unet, scheduler, batch.to(device), SAMPLING_METHOD, steps).cpu()
+                sample_images(unet, scheduler, batch.to(device), method, steps, generator=streams).cpu()
             )
             bar.update(len(batch))
     return torch.cat(out)
@@ -154,14 +157,14 @@ def evaluate_utility(
     encoder = load_or_train_encoder(encoder_path, training, settings, device, log)
 
     unet, scheduler = load_released(run.root)
-    steps = cfg.federation.sampling_steps
+    sampling = (cfg.federation.sampling_method, cfg.federation.sampling_steps)
     phase = time.perf_counter()
     generated = generate(
-        unet, scheduler, num_samples, cfg.data.image_size, steps, batch_size, seed, progress, device
+        unet, scheduler, num_samples, cfg.data.image_size, sampling, batch_size, seed, progress, device
     )
     untrained = initial_unet(cfg)
     generated_untrained = generate(
-        untrained, scheduler, num_samples, cfg.data.image_size, steps, batch_size, seed, False, device
+        untrained, scheduler, num_samples, cfg.data.image_size, sampling, batch_size, seed, False, device
     )
     log(f"utility: generated {num_samples} images (and as many untrained) in {time.perf_counter() - phase:.1f} s")
 
@@ -214,7 +217,7 @@ def evaluate_utility(
         "num_heldout": len(heldout),
         "num_training": len(training),
         "num_real_reference": len(real_reference),
-        "sampling": {"method": SAMPLING_METHOD, "steps": steps},
+        "sampling": {"method": sampling[0], "steps": sampling[1]},
         "seed": seed,
         "seconds": time.perf_counter() - started,
     }

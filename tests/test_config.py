@@ -28,6 +28,8 @@ def test_default_composes_to_typed_config():
         ("federation.partitioning=random", "federation.partitioning"),
         ("data.heldout_fraction=0.95", "data.heldout_fraction"),
         ("model.norm_num_groups=5", "model.norm_num_groups"),
+        ("federation.sampling_method=euler", "federation.sampling_method"),
+        ("federation.sampling_steps=0", "federation.sampling_steps"),
     ],
 )
 def test_impossible_settings_fail_naming_the_setting(override, setting):

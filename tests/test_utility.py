@@ -136,3 +136,15 @@ def test_bad_arguments_are_refused(run):
         evaluate_utility(run.root, num_samples=3)
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         evaluate_utility(run.root.parent)
+
+
+def test_generated_images_do_not_depend_on_the_batch_size(run):
+    """DDPM draws fresh noise at every step: one stream per image keeps each image its own."""
+    from fedgen.model import load_released
+
+    unet, scheduler = load_released(run.root)
+    args = (unet, scheduler, 5, 16, ("ddpm", 3))
+    whole = utility.generate(*args, 5, 0, False, torch.device("cpu"))
+    pieces = utility.generate(*args, 2, 0, False, torch.device("cpu"))
+    torch.testing.assert_close(whole, pieces)
+    assert not torch.equal(whole, utility.generate(*args, 5, 1, False, torch.device("cpu")))  # the seed matters
