@@ -167,7 +167,9 @@ def test_a_failing_hospital_does_not_kill_the_round(tmp_path):
 @pytest.mark.slow
 def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
     already = set(fedgen_processes_left())
-    overrides = tiny_overrides(tmp_path, "resume")
+    # Longer rounds than the other tiny runs: Ctrl-C lands after round 1's checkpoint, and a
+    # round 2 of a second or so could finish the run before the interrupt reaches Flower.
+    overrides = [*tiny_overrides(tmp_path, "resume"), "federation.local_epochs=25"]
     run = tmp_path / "resume"
     first = subprocess.Popen(
         [FEDGEN, "simulate", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TAGGED_ENV
@@ -179,6 +181,7 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
         time.sleep(0.2)
     first.send_signal(signal.SIGINT)  # Ctrl-C
     first.wait(timeout=120)
+    assert "interrupted" in first.stdout.read()  # the run did not finish before the Ctrl-C
     assert fedgen_processes_left(already) == []  # every process it started is gone
     metrics_file = run / "metrics.json"  # the kill may land before round 1's metrics are written
     assert not metrics_file.exists() or json.loads(metrics_file.read_text())["status"] == "running"
