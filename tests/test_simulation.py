@@ -172,7 +172,10 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
     overrides = [*tiny_overrides(tmp_path, "resume"), "federation.local_epochs=25"]
     run = tmp_path / "resume"
     first = subprocess.Popen(
-        [FEDGEN, "simulate", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TAGGED_ENV
+        [FEDGEN, "simulate", *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TAGGED_ENV,
+        # As from an interactive shell: a job started in the background (`cmd &` in a script, as CI
+        # may run) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 400
     while not (run / "checkpoints" / "round-0001.pt").exists():
