@@ -24,7 +24,8 @@ from fedgen.tracking import FederationLogger
 from fedgen.update_checks import StateDict, update_problem
 
 
-def _finite_mean(values: list[float]) -> float:
+def finite_mean(values: list[float]) -> float:
+    """Mean over the finite values (a hospital with no validation images reports NaN)."""
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")
 
@@ -97,8 +98,8 @@ class Coordinator:
         record = self.current
         record["seconds"] = time.perf_counter() - self.round_started
         record["ended_at"] = time.time()
-        record["train_loss"] = _finite_mean([m["train-loss"] for m in record["train"].values()])
-        record["val_loss"] = _finite_mean([m["val-loss"] for m in record["evaluate"].values()])
+        record["train_loss"] = finite_mean([m["train-loss"] for m in record["train"].values()])
+        record["val_loss"] = finite_mean([m["val-loss"] for m in record["evaluate"].values()])
         eps = [m["epsilon"] for m in record["train"].values()]
         record["epsilon_max"] = max(eps) if eps else float("nan")
         self.history.append(record)

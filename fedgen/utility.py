@@ -39,6 +39,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from fedgen.coordinator import finite_mean
 from fedgen.dataset import ImageSet
 from fedgen.diffusion import sample_images
 from fedgen.downstream import (
@@ -110,11 +111,10 @@ def _final_validation(run: RunDir) -> tuple[float, int]:
 
 
 def _untrained_validation_loss(run: RunDir, cfg, silos: list[Silo], unet: UNet2DModel) -> float:
-    """The hospitals' validation loss of `unet`, by the protocol of the run's own evaluation."""
+    """The hospitals' validation loss of `unet`, by the protocol of the run's own evaluation
+    (`Hospital.evaluate`, averaged as the coordinator averages each round's)."""
     state = unet.state_dict()
-    losses = [Hospital(cfg, s, run.hospital_home(s.hospital)).evaluate(state)["val-loss"] for s in silos]
-    finite = [v for v in losses if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+    return finite_mean([Hospital(cfg, s, run.hospital_home(s.hospital)).evaluate(state)["val-loss"] for s in silos])
 
 
 def evaluate_utility(
