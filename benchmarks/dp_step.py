@@ -5,8 +5,8 @@
                                  [--skip-memory]
 
 Both steps are the loop body of `fedgen.dp_sgd.train_locally`, built from the same pieces
-(`make_optimizer`, `Diffusion.per_example_loss`, `per_sample_gradients`, Opacus's `DPOptimizer`
-configured as there):
+(`make_optimizer`, `Diffusion.per_example_loss`, `per_sample_gradients`, fedgen's
+`NoisingDPOptimizer` with its secret noise, configured as there):
 
 - plain: zero_grad, per_example_loss(...).mean().backward(), Adam step;
 - dp:    zero_grad, per_sample_gradients(...) into `p.grad_sample`, DPOptimizer.pre_step()
@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 from opacus.accountants import RDPAccountant
-from opacus.optimizers import DPOptimizer
 
 from fedgen.config import ExperimentConfig, load_config
 from fedgen.diffusion import Diffusion, unet_denoiser
+from fedgen.dp_randomness import NoisingDPOptimizer, SecretRandomness
 from fedgen.dp_sgd import make_optimizer
 from fedgen.model import build_scheduler, build_unet, count_parameters
 from fedgen.per_sample_grads import per_sample_gradients
@@ -78,13 +78,13 @@ class Bench:
         self.named = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
         params = [p for _, p in self.named]
         self.plain_opt = make_optimizer(cfg, params)
-        self.dp_opt = DPOptimizer(
+        self.dp_opt = NoisingDPOptimizer(
             make_optimizer(cfg, params),
             noise_multiplier=NOISE_MULTIPLIER,
             max_grad_norm=cfg.privacy.max_grad_norm,
             expected_batch_size=batch,
             loss_reduction="mean",
-            generator=torch.Generator(device=device).manual_seed(seed + 2),
+            randomness=SecretRandomness(),  # what training uses: the OS's CSPRNG, not a seed
         )
         self.accountant = RDPAccountant()
         self.dp_opt.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=SAMPLE_RATE))

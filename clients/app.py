@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 from fedgen.config import load_config, overrides_from_run_config
 from fedgen.hospital import Hospital, silos_for
 from fedgen.run_dir import RunDir
-from fedgen.site import site_home, site_silo
+from fedgen.site import check_site_privacy, site_home, site_silo
 
 app = ClientApp()
 _hospitals: dict[tuple, Hospital] = {}
@@ -28,6 +28,7 @@ def hospital_for(context: Context) -> Hospital:
     if key not in _hospitals:
         cfg = load_config(overrides)
         if node.get("data-dir"):
+            check_site_privacy(cfg, node)
             silo, home = site_silo(cfg, partition, node), str(site_home(str(node["data-dir"]), cfg.name))
         else:
             silo = silos_for(cfg)[partition]

@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedgen.dp_randomness import dp_noise_label  # noqa: E402
 from fedgen.run_dir import RunDir, read_json  # noqa: E402
 
 # Every HParams session declares these (value: an example of the type); absent values stay blank.
@@ -35,6 +36,7 @@ HPARAMS = {
     "achieved_epsilon": 0.0,
     "delta": 0.0,
     "accountant": "",
+    "dp_noise": "",
     "noise_multiplier": 0.0,
     "noise_multiplicity": 0,
     "max_grad_norm": 0.0,
@@ -92,6 +94,7 @@ def run_row(run_dir: str | Path) -> dict:
         "epsilon": number(summary.get("epsilon_max")) if p.enabled else None,
         "delta": p.delta if p.enabled else None,
         "accountant": p.accountant if p.enabled else None,
+        "dp_noise": dp_noise_label(summary, p.reproducible_noise) if p.enabled else None,
         "noise_multiplier": number(summary.get("noise_multiplier")) if p.enabled else 0.0,
         "sample_rate": max((number(v.get("sample_rate")) or 0.0 for v in ledgers), default=None),
         "max_grad_norm": p.max_grad_norm if p.enabled else None,

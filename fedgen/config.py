@@ -59,7 +59,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # per-example clipping bound C
     noise_multiplier: float | None = None  # set to skip calibration; must still fit the budget
     accountant: str = "rdp"  # rdp | prv (Opacus accountants; gdp is an approximation, not a bound)
-    secure_rng: bool = False  # Opacus secure_mode (needs torchcsprng)
+    # True derives the DP noise and Poisson sampling from the seed, which every party can read:
+    # NO guarantee (tests, debugging). False (default): secret, from the OS's CSPRNG.
+    reproducible_noise: bool = False
 
 
 @dataclass

@@ -136,6 +136,7 @@ class Coordinator:
                     noise_multiplier=m["noise-multiplier"],
                     sample_rate=m["sample-rate"],
                     total_steps=m["total-steps"],
+                    reproducible_noise=bool(m.get("reproducible-noise", 1)),
                 )
         return latest
 
@@ -146,6 +147,8 @@ class Coordinator:
         return {
             "epsilon_max": max(eps) if eps else float("nan"),
             "noise_multiplier": max((v["noise_multiplier"] for v in ledgers.values()), default=0.0),
+            # Any hospital whose DP noise was reproducible from the config voids the run's guarantee.
+            "reproducible_noise": any(v["reproducible_noise"] for v in ledgers.values()),
             "val_loss": last.get("val_loss", float("nan")),
             "train_loss": last.get("train_loss", float("nan")),
             "rounds_completed": len(self.history),

@@ -83,10 +83,12 @@ def _toml_string(value: str | Path) -> str:
 
 
 def node_config(partition: int, num_partitions: int, data_dir: Path, data_path: str | None = None,
-                data_csv: str | None = None) -> str:
+                data_csv: str | None = None, allow_reproducible_noise: bool = False) -> str:
     """The SuperNode's node config: which hospital it is and where its data lives (`fedgen.site`)."""
     items = [f"partition-id={partition}", f"num-partitions={num_partitions}",
              f"data-dir={_toml_string(Path(data_dir).resolve())}"]
+    if allow_reproducible_noise:
+        items.append("allow-reproducible-noise=true")
     if data_path:
         items.append(f"data-path={_toml_string(Path(data_path).resolve())}")
     if data_csv:
@@ -170,6 +172,12 @@ def deploy_run(overrides: list[str], superlink: str, ca: Path | None, min_nodes:
     from fedgen.run_dir import RunDir
 
     cfg = load_config(overrides)
+    if cfg.privacy.enabled and cfg.privacy.reproducible_noise and ca is not None:
+        raise DeploymentError(
+            "privacy.reproducible_noise=true derives every hospital's DP noise and sampling from the "
+            "config, which the coordinator holds: no privacy guarantee. It is for local tests only "
+            "(add --insecure); hospitals' SuperNodes refuse it unless started with --insecure too."
+        )
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
     flwr_home = run_dir.root / "flower"
     env = cli_environment(flwr_home, superlink, ca)
@@ -283,7 +291,9 @@ def _register(args: argparse.Namespace) -> int:
 def _supernode(args: argparse.Namespace) -> int:
     ca = _security(args)
     data_dir = Path(args.data_dir).resolve()
-    config = node_config(args.partition_id, args.num_partitions, data_dir, args.data_path, args.data_csv)
+    # Only a local test node (--insecure) lets a run derive its DP noise from the config.
+    config = node_config(args.partition_id, args.num_partitions, data_dir, args.data_path, args.data_csv,
+                         allow_reproducible_noise=args.insecure)
     command = supernode_command(args.superlink, ca, Path(args.key) if args.key else None, config, args.port)
     if not args.print_only:
         data_dir.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,12 @@
-"""One hospital's local training: DP-SGD (Opacus optimizer, sampler and accountant) or plain SGD.
+"""One hospital's local training: DP-SGD (Opacus optimizer and accountant) or plain SGD.
 
 Both modes share one loop: Poisson-sampled batches, the same per-example loss with K draws of
 (timestep, noise) per example (noise multiplicity, Dockhorn et al. 2023: averaging before clipping
 lowers the gradient's variance at no privacy cost, since each example still contributes one
 clipped gradient per step). DP mode computes exact per-example gradients (`per_sample_grads`),
 lets Opacus's DPOptimizer clip them to C, sum, add N(0, sigma^2 C^2) noise and divide by the
-expected batch size, and lets the accountant record every step. Plain mode backpropagates the
+expected batch size, and lets the accountant record every step. The Poisson sampling and the noise
+are secret (`dp_randomness`): nobody holding the config can predict them. Plain mode backpropagates the
 batch mean.
 """
 
@@ -15,12 +16,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from tqdm.auto import tqdm
 
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import Diffusion, unet_denoiser
+from fedgen.dp_randomness import NoisingDPOptimizer, poisson_batches, privacy_randomness
 from fedgen.per_sample_grads import per_sample_gradients
 from fedgen.privacy import EpsilonLedger, TrainingPlan
 from fedgen.seeding import torch_generator
@@ -67,26 +67,22 @@ def train_locally(
     steps = plan.steps_per_round
     if ledger is not None:
         ledger.check_budget(steps)
+    # The diffusion loss's (timestep, noise) draws are not part of the guarantee: seeded. The
+    # sampling and the DP noise are: secret unless the config asks for the test-only switch.
     gen = torch_generator(*seed_parts, "draws")
-    sampler = UniformWithReplacementSampler(
-        num_samples=plan.num_examples,
-        sample_rate=plan.sample_rate,
-        generator=torch_generator(*seed_parts, "poisson"),
-        steps=plan.steps_per_epoch,
-    )
+    randomness = privacy_randomness(cfg.privacy.reproducible_noise, *seed_parts)
     params = [p for p in unet.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     base_optimizer = make_optimizer(cfg, params)
-    dp_optimizer: DPOptimizer | None = None
+    dp_optimizer: NoisingDPOptimizer | None = None
     if ledger is not None:
-        dp_optimizer = DPOptimizer(
+        dp_optimizer = NoisingDPOptimizer(
             base_optimizer,
             noise_multiplier=ledger.noise_multiplier,
             max_grad_norm=cfg.privacy.max_grad_norm,
             expected_batch_size=max(1, round(plan.sample_rate * plan.num_examples)),
             loss_reduction="mean",
-            generator=None if cfg.privacy.secure_rng else torch_generator(*seed_parts, "dp-noise"),
-            secure_mode=cfg.privacy.secure_rng,
+            randomness=randomness,
         )
         accountant = ledger.make_accountant()
         dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
@@ -98,7 +94,7 @@ def train_locally(
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=steps, desc=f"round {server_round} local", disable=not progress, leave=False)
     for _ in range(plan.local_epochs):
-        for index in sampler:
+        for index in poisson_batches(plan.num_examples, plan.sample_rate, plan.steps_per_epoch, randomness):
             x0 = images[index].to(device)
             t, eps = diffusion.draw(x0.cpu(), k, generator=gen)
             t, eps = t.to(device), eps.to(device)
@@ -131,7 +127,7 @@ def train_locally(
     if ledger is None or dp_optimizer is None:
         return LocalTrainingResult(loss, plan.num_examples, taken, float("inf"), 0.0, 0.0, seconds, cpu_seconds)
     dp_optimizer.zero_grad(set_to_none=True)  # drop grad_sample references
-    ledger.record(accountant, server_round, taken)
+    ledger.record(accountant, server_round, taken, reproducible_noise=randomness.reproducible)
     return LocalTrainingResult(
         loss, plan.num_examples, taken, ledger.epsilon, ledger.delta, ledger.noise_multiplier, seconds, cpu_seconds
     )

@@ -120,6 +120,8 @@ class Hospital:
             "sample-rate": self.plan.sample_rate,
             "steps": result.steps,
             "total-steps": ledger.steps if ledger else result.steps,
+            # 1: this hospital's noise and sampling were derived from the config (no guarantee).
+            "reproducible-noise": int(ledger.reproducible_noise) if ledger else 0,
             "train-seconds": result.seconds,
             "train-cpu-seconds": result.cpu_seconds,
         }

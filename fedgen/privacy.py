@@ -12,7 +12,9 @@ Privacy assumptions, stated once:
   is not sampled only make the real epsilon smaller than planned.
 - The accountant's history lives in the ledger file the hospital keeps; it is restored before each
   local training and saved after, so epsilon is cumulative across rounds and process restarts.
-- The server and other hospitals see only the noised model updates (post-processing).
+- The server and other hospitals see only the noised model updates (post-processing), and cannot
+  predict the noise or the sampling: both come from the OS's CSPRNG (`dp_randomness`), unless
+  `privacy.reproducible_noise` (test only) voids the guarantee, which every record then says.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedgen.config import ConfigError, PrivacyConfig
+from fedgen.dp_randomness import NO_GUARANTEE
 
 LEDGER_VERSION = 1
 
@@ -194,15 +197,24 @@ class EpsilonLedger:
         acc.history = [tuple(h) for h in self.history]
         return acc
 
-    def record(self, accountant: IAccountant, server_round: int, steps: int) -> None:
+    def record(self, accountant: IAccountant, server_round: int, steps: int, reproducible_noise: bool) -> None:
         self.history = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
-        self.rounds.append({"round": server_round, "steps": steps, "epsilon": self.epsilon})
+        self.rounds.append(
+            {"round": server_round, "steps": steps, "epsilon": self.epsilon, "reproducible_noise": reproducible_noise}
+        )
+
+    @property
+    def reproducible_noise(self) -> bool:
+        """True when any recorded training drew its noise from the config's seed: the epsilon is
+        then no guarantee. Rounds recorded before secret noise existed were all reproducible."""
+        return any(r.get("reproducible_noise", True) for r in self.rounds)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["version"] = LEDGER_VERSION
         d["epsilon"] = self.epsilon
         d["steps"] = self.steps
+        d["guarantee"] = NO_GUARANTEE if self.reproducible_noise else "secret noise and sampling"
         return d
 
     def save(self, path: str | Path) -> None:

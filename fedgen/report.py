@@ -84,12 +84,23 @@ def write_run_report(run_dir: str | Path, row: dict | None = None) -> Path:
     return path
 
 
+VOID = (
+    "**No guarantee: noise reproducible from the config.** This run set `privacy.reproducible_noise` "
+    "(a test and debugging switch): each hospital's DP noise and Poisson sampling were derived from "
+    "the config's seed, which every party holds, so whoever saw the updates (the coordinator) can "
+    "regenerate the noise, subtract it and see which images each step used. The epsilon below is "
+    "what the accountant computed, not a guarantee."
+)
+
+
 def _summary(row: dict, attack: dict) -> str:
     trained = (
         f"A diffusion model of chest X-ray images was trained by {row['hospitals']} hospitals together "
         f"(Flower, {row['strategy']}, {row['rounds']} rounds), without pooling their images."
     )
-    if row["privacy"] == "dp":
+    if row["privacy"] == "dp" and row.get("dp_noise") != "secret":
+        guarantee = VOID
+    elif row["privacy"] == "dp":
         guarantee = (
             f"Each hospital's training images are protected by differential privacy: epsilon "
             f"{fmt(row['epsilon'])} (budget {fmt(row['target_epsilon'])}), delta {fmt(row['delta'])}, "
@@ -182,6 +193,7 @@ def _guarantee(row: dict, metrics: dict) -> str:
     return "\n\n".join(
         [
             "## The guarantee",
+            *([VOID] if row.get("dp_noise") != "secret" else []),
             f"Example-level (epsilon, delta)-differential privacy for each hospital's own training images: "
             f"epsilon {fmt(row['epsilon'])} at most (budget {fmt(row['target_epsilon'])}), delta {fmt(row['delta'])}, "
             f"from the {row['accountant'].upper()} accountant (Opacus). DP-SGD: Poisson sampling of each image "
@@ -190,6 +202,11 @@ def _guarantee(row: dict, metrics: dict) -> str:
             f"{row['noise_multiplicity']} (loss averaged over that many draws per image before clipping, at no "
             "privacy cost). The noise was calibrated once for the whole planned training; each hospital's "
             "ledger adds epsilon up across rounds and restarts and refuses to train past the budget.",
+            *(
+                ["The noise and the sampling were drawn from each hospital's operating-system CSPRNG at "
+                 "training time, never from the config: no other party could predict them."]
+                if row.get("dp_noise") == "secret" else []
+            ),
             _table(
                 ["hospital", "sampling rate q", "steps", "noise multiplier", "epsilon", "delta"],
                 per_hospital,

@@ -1,4 +1,14 @@
-"""One seeding function: every random stream derives from (experiment seed, hospital, round, purpose)."""
+"""One seeding function for what may be reproducible: streams derive from (seed, hospital, round, purpose).
+
+Seeded (reproducible from the config; not part of any guarantee): synthetic data generation,
+partitioning and the member/held-out/validation split, model initialisation, the diffusion loss's
+timesteps and noise, validation draws, sample grids and utility samples, the attacks' noise draws.
+
+Never seeded: what DP-SGD's guarantee rests on, the Gaussian noise and the Poisson sampling. They
+come from the operating system's CSPRNG at each local training (`fedgen.dp_randomness`), and only
+`privacy.reproducible_noise=true` (tests, debugging; every record then says "no guarantee")
+derives them from here.
+"""
 
 from __future__ import annotations
 

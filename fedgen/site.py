@@ -14,6 +14,10 @@ A SuperNode runs at the hospital, next to its data, and says where that is in it
                     this hospital's silo. Without it (synthetic data), the hospital generates the
                     synthetic pool from the shared seed and takes its own partition.
     data-csv        optional, with data-path and data.source=folder: the CSV file,patient_id,label
+    allow-reproducible-noise
+                    true only on local test nodes (`fedgen deploy supernode --insecure`): without it
+                    the hospital refuses a run with privacy.reproducible_noise, whose DP noise the
+                    coordinator could regenerate from the config it sent
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 from fedgen.config import ConfigError, ExperimentConfig
 from fedgen.dataset import DataError
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "data-path", "data-csv")
+NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "data-path", "data-csv", "allow-reproducible-noise")
 
 
 def site_home(data_dir: str | Path, run_name: str) -> Path:
@@ -32,6 +36,17 @@ def site_home(data_dir: str | Path, run_name: str) -> Path:
     if not run_name or "/" in run_name or run_name.startswith("."):
         raise ConfigError(f"name: '{run_name}' cannot name a directory at the hospital")
     return Path(data_dir).expanduser().resolve() / "fedgen" / run_name
+
+
+def check_site_privacy(cfg: ExperimentConfig, node_config: Mapping) -> None:
+    """The hospital protects itself: a coordinator cannot switch its DP noise to reproducible."""
+    allowed = str(node_config.get("allow-reproducible-noise", "false")).lower() == "true"
+    if cfg.privacy.enabled and cfg.privacy.reproducible_noise and not allowed:
+        raise ConfigError(
+            "privacy.reproducible_noise: the run asks this hospital to derive its DP noise and "
+            "sampling from the config the coordinator sent (no guarantee). Refused: only a test "
+            "SuperNode started with --insecure accepts it."
+        )
 
 
 def site_silo(cfg: ExperimentConfig, partition: int, node_config: Mapping):

@@ -15,6 +15,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from fedgen.config import ExperimentConfig
+from fedgen.dp_randomness import dp_noise_label
 from fedgen.images import display_upscale, grid_array
 
 
@@ -67,6 +68,7 @@ class FederationLogger:
             "privacy": "dp" if p.enabled else "none",
             "target_epsilon": float(p.target_epsilon) if p.enabled else 0.0,
             "delta": float(p.delta) if p.enabled else 0.0,
+            "dp_noise": dp_noise_label(final, p.reproducible_noise) if p.enabled else "none",
             "noise_multiplier": float(final.get("noise_multiplier", 0.0)),
             "noise_multiplicity": cfg.training.noise_multiplicity,
             "max_grad_norm": float(p.max_grad_norm),

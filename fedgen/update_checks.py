@@ -15,7 +15,7 @@ StateDict = dict[str, torch.Tensor]
 # Exactly what a hospital's replies report (`Hospital.train`, `Hospital.evaluate`).
 TRAIN_METRIC_KEYS = frozenset({
     "hospital", "num-examples", "train-loss", "epsilon", "delta", "noise-multiplier",
-    "sample-rate", "steps", "total-steps", "train-seconds", "train-cpu-seconds",
+    "sample-rate", "steps", "total-steps", "train-seconds", "train-cpu-seconds", "reproducible-noise",
 })
 EVALUATE_METRIC_KEYS = frozenset({"hospital", "num-examples", "val-loss"})
 

@@ -117,3 +117,14 @@ def test_client_app_puts_a_deployed_hospital_home_in_its_data_dir(tmp_path):
     simulated = Context(run_id=1, node_id=8, state=RecordDict(), run_config=run_config,
                         node_config={"partition-id": 0, "num-partitions": 3})
     assert hospital_for(simulated).home == tmp_path.resolve() / "coordinator" / "runs" / "pilot" / "hospitals" / "hospital-0"
+
+
+def test_deploy_run_refuses_reproducible_noise_unless_insecure(tmp_path):
+    from fedgen.deploy import deploy_run
+
+    overrides = ["privacy.reproducible_noise=true", f"runs_dir={tmp_path}"]
+    with pytest.raises(DeploymentError, match="privacy.reproducible_noise"):
+        deploy_run(overrides, "127.0.0.1:9092", tmp_path / "ca.crt", print_only=True, echo=lambda _: None)
+    shown = []
+    deploy_run(overrides, "127.0.0.1:9092", None, print_only=True, echo=shown.append)  # a local test
+    assert shown and "flwr" in shown[0]

@@ -71,7 +71,7 @@ def test_ledger_restored_across_three_rounds_equals_one_accountant(tmp_path):
         accountant = ledger.make_accountant()
         for _ in range(plan.steps_per_round):
             accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=plan.sample_rate)
-        ledger.record(accountant, server_round, plan.steps_per_round)
+        ledger.record(accountant, server_round, plan.steps_per_round, reproducible_noise=False)
         ledger.save(path)
     final = EpsilonLedger.load(path)
     one = RDPAccountant()
@@ -90,7 +90,7 @@ def test_budget_guard_refuses_to_cross_the_budget(tmp_path):
     acc = ledger.make_accountant()
     for _ in range(plan.total_steps):
         acc.step(noise_multiplier=1.0, sample_rate=plan.sample_rate)
-    ledger.record(acc, 3, plan.total_steps)
+    ledger.record(acc, 3, plan.total_steps, reproducible_noise=False)
     with pytest.raises(BudgetExceededError, match="Refusing to train"):
         ledger.check_budget(plan.steps_per_round)
 

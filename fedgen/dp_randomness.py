@@ -1,0 +1,121 @@
+"""The randomness DP-SGD's guarantee rests on: the Gaussian noise and the Poisson sampling.
+
+The (epsilon, delta) a hospital reports holds only if nobody (the coordinator least of all) can
+predict which images each step sampled or what noise it added: with both, the noise could be
+subtracted from an update and the sampled images read off. So both are **secret by default**:
+
+- `SecretRandomness` draws every random bit from the operating system's cryptographically secure
+  generator (`os.urandom`: getrandom(2), ChaCha20 on Linux) at the moment it is needed. Nothing is
+  seeded, stored, logged or sent.
+- Poisson sampling: each example is in the step's batch when a uniform u (53 random bits) is below q.
+- Gaussian noise: Box-Muller in float64 on those uniforms; each coordinate is the sum of 4 such
+  normals times std/2 (Holohan & Braghin 2021 with n = 2, the fix Opacus's `secure_mode` uses),
+  which defeats the floating-point attacks on Gaussian sampling that read the seed-free noise back
+  from the low-order bits of a released value (Mironov 2012; Jin et al. 2021, arXiv 2112.05307).
+  The sum is then rounded to the gradient's dtype (float32), as in Opacus.
+
+Opacus's own `secure_mode` needs `torchcsprng`, which has no build for current torch (pip finds
+none here), so fedgen generates the noise itself and hands Opacus the rest (clipping, summing,
+scaling, accounting). What this does not protect against: an attacker on the hospital's machine
+(memory, timing side channels of the sampling loop), and a hospital that changes this code.
+
+`ReproducibleRandomness` (`privacy.reproducible_noise=true`) derives both from (seed, hospital,
+round), which the config gives to every party: **no privacy guarantee**, for tests and debugging
+only. It draws exactly the streams fedgen used before secret noise existed (Opacus's sampler mask
+and `torch.normal`), so old figures can be reproduced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from fedgen.seeding import torch_generator
+
+NO_GUARANTEE = "no guarantee: noise reproducible from the config"
+
+
+class SecretRandomness:
+    """Uniforms and Gaussians from the operating system's CSPRNG (see the module docstring)."""
+
+    reproducible = False
+    name = "secret (os.urandom CSPRNG)"
+
+    def uniform(self, n: int) -> torch.Tensor:
+        """[n] float64 uniforms in (0, 1], 53 random bits each."""
+        bits = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return torch.from_numpy((bits.astype(np.float64) + 1.0) * 2.0**-53)
+
+    def gaussian(self, reference: torch.Tensor, std: float) -> torch.Tensor:
+        """N(0, std^2) noise of `reference`'s shape, dtype and device."""
+        n = reference.numel()
+        half = 2 * n  # 4n normals from 4n uniforms: Box-Muller turns each pair into two
+        u = self.uniform(4 * n)
+        radius = torch.sqrt(-2.0 * torch.log(u[:half]))
+        angle = (2.0 * math.pi) * u[half:]
+        normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+        noise = normals.view(4, n).sum(0) * (std / 2.0)
+        return noise.view_as(reference).to(device=reference.device, dtype=reference.dtype)
+
+
+class ReproducibleRandomness:
+    """Streams derived from public seed parts: NO privacy guarantee (tests, debugging)."""
+
+    reproducible = True
+    name = NO_GUARANTEE
+
+    def __init__(self, *seed_parts: int | str):
+        self.sampling = torch_generator(*seed_parts, "poisson")
+        self.noise = torch_generator(*seed_parts, "dp-noise")
+
+    def uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.sampling)
+
+    def gaussian(self, reference: torch.Tensor, std: float) -> torch.Tensor:
+        return torch.normal(0.0, std, size=reference.shape, generator=self.noise).to(
+            device=reference.device, dtype=reference.dtype
+        )
+
+
+Randomness = SecretRandomness | ReproducibleRandomness
+
+
+def privacy_randomness(reproducible: bool, *seed_parts: int | str) -> Randomness:
+    """Secret randomness unless the config asks, explicitly, for the reproducible test switch."""
+    return ReproducibleRandomness(*seed_parts) if reproducible else SecretRandomness()
+
+
+def dp_noise_label(summary: dict, configured_reproducible: bool) -> str:
+    """'secret', or the no-guarantee label when the config or any hospital's record says the DP
+    noise was reproducible from the seed (a run recorded before this was tracked counts as such)."""
+    reproducible = summary.get("reproducible_noise", True) or configured_reproducible
+    return NO_GUARANTEE if reproducible else "secret"
+
+
+def poisson_batches(num_examples: int, sample_rate: float, steps: int, randomness: Randomness) -> Iterator[torch.Tensor]:
+    """`steps` batches of example indices, each example in each batch with probability q.
+
+    Empty batches are yielded too: the analysis assumes every step releases a noisy update."""
+    for _ in range(steps):
+        yield torch.nonzero(randomness.uniform(num_examples) < sample_rate).reshape(-1)
+
+
+class NoisingDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer (clip, sum, scale, account) with the noise drawn from `randomness`."""
+
+    def __init__(self, *args, randomness: Randomness, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.randomness = randomness
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.randomness.gaussian(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
