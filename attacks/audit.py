@@ -22,10 +22,10 @@ from attacks.extraction import ExtractionConfig, find_copies, generate, pairs_gr
 from attacks.membership import ATTACKS, build_attack
 from attacks.metrics import AttackResult, evaluate_scores
 from attacks.targets import candidates_from_run, load_run_config
+from fedgen.data.silos import build_silos
 from fedgen.diffusion import sample_images
 from fedgen.model import load_released
 from fedgen.run_dir import RunDir, write_json
-from fedgen.silos import build_silos
 
 
 class AuditAlarm(RuntimeError):
@@ -228,7 +228,7 @@ def _write(run: RunDir, report: dict, overall: dict[str, AttackResult], copies, 
     from torch.utils.tensorboard import SummaryWriter
 
     from attacks.plots import roc_figure
-    from fedgen.images import display_upscale, grid_array, save_grid
+    from fedgen.data.images import display_upscale, grid_array, save_grid
 
     write_json(run.root / "attack.json", report)
     fig = roc_figure(overall, title=f"membership inference: {run.root.name}")

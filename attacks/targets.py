@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from fedgen.config import ExperimentConfig
+from fedgen.data.silos import build_silos, check_records
 from fedgen.run_dir import RunDir
-from fedgen.silos import build_silos, check_records
 
 
 @dataclass

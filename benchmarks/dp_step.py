@@ -4,7 +4,7 @@
                                  [--batch 32] [--repeats 15] [--warmup 3] [--threads N]
                                  [--skip-memory]
 
-Both steps are the loop body of `fedgen.dp_sgd.train_locally`, built from the same pieces
+Both steps are the loop body of `fedgen.privacy.dp_sgd.train_locally`, built from the same pieces
 (`make_optimizer`, `Diffusion.per_example_loss`, `per_sample_gradients`, fedgen's
 `NoisingDPOptimizer` with its secret noise, configured as there):
 
@@ -48,10 +48,10 @@ from opacus.accountants import RDPAccountant
 
 from fedgen.config import ExperimentConfig, load_config
 from fedgen.diffusion import Diffusion, unet_denoiser
-from fedgen.dp_randomness import NoisingDPOptimizer, SecretRandomness
-from fedgen.dp_sgd import make_optimizer
 from fedgen.model import build_scheduler, build_unet, count_parameters
-from fedgen.per_sample_grads import per_sample_gradients
+from fedgen.privacy.dp_sgd import make_optimizer
+from fedgen.privacy.per_sample_grads import per_sample_gradients
+from fedgen.privacy.randomness import NoisingDPOptimizer, SecretRandomness
 
 # Any values: a step's cost depends on neither (the accountant hook only records them).
 NOISE_MULTIPLIER = 1.0

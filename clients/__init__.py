@@ -1,1 +1,1 @@
-"""Flower ClientApp for fedgen: a thin adapter over `fedgen.hospital`."""
+"""Flower ClientApp for fedgen: a thin adapter over `fedgen.federation.hospital`."""

@@ -1,4 +1,4 @@
-"""ClientApp: one hospital. Unpacks the message, calls `fedgen.hospital.Hospital`, packs the reply."""
+"""ClientApp: one hospital. Unpacks the message, calls `fedgen.federation.hospital.Hospital`, packs the reply."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgen.config import load_config, overrides_from_run_config
-from fedgen.hospital import Hospital, silos_for
+from fedgen.federation.hospital import Hospital, silos_for
+from fedgen.federation.site import check_site_privacy, site_home, site_silo
 from fedgen.run_dir import RunDir
-from fedgen.site import check_site_privacy, site_home, site_silo
 
 app = ClientApp()
 _hospitals: dict[tuple, Hospital] = {}
@@ -20,7 +20,7 @@ def hospital_for(context: Context) -> Hospital:
     """The hospital this node serves. One simulated worker may serve several: cache each.
 
     A deployed SuperNode names its own `data-dir` (and optionally `data-path`) in its node config:
-    its ledger and records then live there (`fedgen.site`), never in the coordinator's run dir."""
+    its ledger and records then live there (`fedgen.federation.site`), never in the coordinator's run dir."""
     overrides = overrides_from_run_config(context.run_config)
     node = context.node_config
     partition = int(node["partition-id"])

@@ -19,7 +19,7 @@ Overrides are Hydra's (group=option, key.path=value); see conf/ for every settin
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedgen.simulate import simulate
+    from fedgen.running.simulate import simulate
 
     simulate(args.overrides, argv=["fedgen", "simulate", *args.overrides])
     return 0
@@ -41,7 +41,7 @@ def _attack(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from fedgen.sweep import main
+    from fedgen.running.sweep import main
 
     return main(args.overrides, print_only=args.print_only)
 
@@ -53,11 +53,11 @@ def _report(args: argparse.Namespace) -> int:
 
     folder = Path(args.path)
     if (folder / "sweep.json").exists():
-        from fedgen.sweep import refresh
+        from fedgen.running.sweep import refresh
 
         path = refresh(folder)
     elif (folder / "config.yaml").exists():
-        from fedgen.report import write_run_report
+        from fedgen.evaluation.report import write_run_report
 
         path = write_run_report(folder)
     else:
@@ -67,8 +67,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _xrays(args: argparse.Namespace) -> int:
-    from fedgen.images import save_grid
-    from fedgen.synthetic import generate_xrays
+    from fedgen.data.images import save_grid
+    from fedgen.data.synthetic import generate_xrays
 
     data = generate_xrays(
         num_patients=args.patients,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="Hydra overrides, e.g. privacy=eps1 federation.num_rounds=3"
     )
     sim.set_defaults(run=_simulate)
-    from fedgen.deploy import add_deploy_commands
+    from fedgen.running.deploy import add_deploy_commands
 
     add_deploy_commands(commands)  # fedgen deploy certs|superlink|register|supernode|run|demo
     att = commands.add_parser(
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fedgen.config import ConfigError
-    from fedgen.dataset import DataError
+    from fedgen.data.dataset import DataError
 
     try:
         return args.run(args)

@@ -5,7 +5,7 @@ partitioning and the member/held-out/validation split, model initialisation, the
 timesteps and noise, validation draws, sample grids and utility samples, the attacks' noise draws.
 
 Never seeded: what DP-SGD's guarantee rests on, the Gaussian noise and the Poisson sampling. They
-come from the operating system's CSPRNG at each local training (`fedgen.dp_randomness`), and only
+come from the operating system's CSPRNG at each local training (`fedgen.privacy.randomness`), and only
 `privacy.reproducible_noise=true` (tests, debugging; every record then says "no guarantee")
 derives them from here.
 """

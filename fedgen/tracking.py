@@ -15,8 +15,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from fedgen.config import ExperimentConfig
-from fedgen.dp_randomness import dp_noise_label
-from fedgen.images import display_upscale, grid_array
+from fedgen.data.images import display_upscale, grid_array
+from fedgen.privacy.randomness import dp_noise_label
 
 
 def _mean(values: list[float]) -> float:

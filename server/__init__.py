@@ -1,1 +1,1 @@
-"""Flower ServerApp for fedgen: a thin adapter over `fedgen.coordinator`."""
+"""Flower ServerApp for fedgen: a thin adapter over `fedgen.federation.coordinator`."""

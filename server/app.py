@@ -10,9 +10,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedgen.config import ExperimentConfig, load_config, overrides_from_run_config
-from fedgen.coordinator import Coordinator
+from fedgen.federation.coordinator import Coordinator
+from fedgen.federation.update_checks import EVALUATE_METRIC_KEYS, metrics_problem
 from fedgen.run_dir import RunDir
-from fedgen.update_checks import EVALUATE_METRIC_KEYS, metrics_problem
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 

@@ -10,12 +10,12 @@ from flwr.app import Context, RecordDict
 from flwr.common.config import parse_config_args
 from PIL import Image
 
-from fedgen.certificates import make_certificates
 from fedgen.cli import main as cli_main
 from fedgen.config import ConfigError, load_config
-from fedgen.deploy import DeploymentError, node_config, superlink_command, supernode_command
-from fedgen.hospital import silos_for
-from fedgen.site import site_home, site_silo
+from fedgen.federation.hospital import silos_for
+from fedgen.federation.site import site_home, site_silo
+from fedgen.running.certificates import make_certificates
+from fedgen.running.deploy import DeploymentError, node_config, superlink_command, supernode_command
 
 TINY = ["data.num_patients=48", "data.image_size=16", "federation.num_hospitals=3", "name=pilot"]
 
@@ -120,7 +120,7 @@ def test_client_app_puts_a_deployed_hospital_home_in_its_data_dir(tmp_path):
 
 
 def test_deploy_run_refuses_reproducible_noise_unless_insecure(tmp_path):
-    from fedgen.deploy import deploy_run
+    from fedgen.running.deploy import deploy_run
 
     overrides = ["privacy.reproducible_noise=true", f"runs_dir={tmp_path}"]
     with pytest.raises(DeploymentError, match="privacy.reproducible_noise"):

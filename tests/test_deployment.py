@@ -1,6 +1,6 @@
 """End to end: a real deployment on this machine. One flower-superlink and 3 flower-supernode
 processes over TLS with SuperNode authentication, each SuperNode with its own data directory
-(`fedgen.loopback`, the same code as `fedgen deploy demo`); a SuperNode crashed mid-round, the
+(`fedgen.running.loopback`, the same code as `fedgen deploy demo`); a SuperNode crashed mid-round, the
 coordinator crashed and restarted; refused nodes; a variant with each hospital in its own network
 namespace. A failing check prints the tail of every process's log."""
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedgen.certificates import CertificateFiles, make_node_key
 from fedgen.config import load_config
-from fedgen.loopback import LoopbackFederation, Namespaces
 from fedgen.model import build_unet
-from fedgen.privacy import EpsilonLedger, epsilon_of
-from fedgen.processes import descendants
+from fedgen.privacy.accounting import EpsilonLedger, epsilon_of
+from fedgen.running.certificates import CertificateFiles, make_node_key
+from fedgen.running.loopback import LoopbackFederation, Namespaces
+from fedgen.running.processes import descendants
 
 pytestmark = pytest.mark.slow
 ROUND_SECONDS = 420  # generous: on 2 busy cores a round of 3 tiny hospitals has taken 90 s

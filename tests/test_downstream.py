@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedgen.dataset import ImageSet
-from fedgen.downstream import (
+from fedgen.data.dataset import ImageSet
+from fedgen.evaluation.downstream import (
     ClassifierSettings,
     downstream_check,
     has_binary_labels,

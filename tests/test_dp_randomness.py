@@ -10,16 +10,16 @@ from scipy import stats
 
 from fedgen.config import ConfigError
 from fedgen.diffusion import Diffusion
-from fedgen.dp_randomness import (
+from fedgen.federation.site import check_site_privacy
+from fedgen.model import build_scheduler, build_unet
+from fedgen.privacy.accounting import EpsilonLedger, TrainingPlan, make_plan
+from fedgen.privacy.dp_sgd import train_locally
+from fedgen.privacy.randomness import (
     NO_GUARANTEE,
     ReproducibleRandomness,
     SecretRandomness,
     poisson_batches,
 )
-from fedgen.dp_sgd import train_locally
-from fedgen.model import build_scheduler, build_unet
-from fedgen.privacy import EpsilonLedger, TrainingPlan, make_plan
-from fedgen.site import check_site_privacy
 
 
 def _config(base_config, reproducible: bool, **training):

@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from fedgen.diffusion import Diffusion
-from fedgen.dp_sgd import train_locally
 from fedgen.model import build_scheduler, build_unet
-from fedgen.privacy import BudgetExceededError, EpsilonLedger, TrainingPlan, epsilon_of, make_plan
+from fedgen.privacy.accounting import (
+    BudgetExceededError,
+    EpsilonLedger,
+    TrainingPlan,
+    epsilon_of,
+    make_plan,
+)
+from fedgen.privacy.dp_sgd import train_locally
 
 
 @pytest.fixture()

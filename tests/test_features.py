@@ -9,14 +9,14 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from fedgen import features
-from fedgen.features import (
+from fedgen.data.synthetic import generate_xrays
+from fedgen.evaluation.features import (
     EncoderSettings,
     encoder_fingerprint,
     load_encoder,
     load_or_train_encoder,
 )
-from fedgen.fidelity import frechet_distance
-from fedgen.synthetic import generate_xrays
+from fedgen.evaluation.fidelity import frechet_distance
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -4,7 +4,7 @@ coverage is known by construction."""
 import numpy as np
 import pytest
 
-from fedgen.fidelity import (
+from fedgen.evaluation.fidelity import (
     feature_stats,
     frechet_distance,
     frechet_distance_from_stats,

@@ -10,8 +10,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from fedgen.dataset import DataError
-from fedgen.loaders import (
+from fedgen.data.dataset import DataError
+from fedgen.data.loaders import (
     LOADERS,
     load_dicom_folder,
     load_image_folder,

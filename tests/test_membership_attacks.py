@@ -56,7 +56,7 @@ def _smooth_random_images(n: int, size: int, seed: int) -> torch.Tensor:
 def _images(n: int, size: int, seed: int) -> torch.Tensor:
     """n i.i.d. images [n,1,size,size] in [-1,1]: one synthetic X-ray per patient."""
     try:
-        from fedgen.synthetic import generate_xrays
+        from fedgen.data.synthetic import generate_xrays
     except ImportError:
         return _smooth_random_images(n, size, seed)
     return generate_xrays(

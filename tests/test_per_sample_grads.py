@@ -6,7 +6,7 @@ import torch
 from fedgen.config import ModelConfig
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.model import build_scheduler, build_unet
-from fedgen.per_sample_grads import _vmap_gradients, per_sample_gradients
+from fedgen.privacy.per_sample_grads import _vmap_gradients, per_sample_gradients
 
 # Every block type the presets use: plain and attention down/up blocks, mid-block attention.
 ATTENTION_EVERYWHERE = ModelConfig(

@@ -9,7 +9,7 @@ from opacus.accountants import RDPAccountant
 from scipy.stats import norm
 
 from fedgen.config import ConfigError, PrivacyConfig
-from fedgen.privacy import (
+from fedgen.privacy.accounting import (
     BudgetExceededError,
     EpsilonLedger,
     calibrate_noise,

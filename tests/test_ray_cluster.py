@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fedgen.processes import ProcessGroup, alive, free_port, tagged
+from fedgen.running.processes import ProcessGroup, alive, free_port, tagged
 
 BIN = Path(sys.executable).parent
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedgen.config import ConfigError, FederationConfig
-from fedgen.dataset import DataError, ImageSet
-from fedgen.partition import partition
-from fedgen.silos import build_silos, split_by_patient
+from fedgen.data.dataset import DataError, ImageSet
+from fedgen.data.partition import partition
+from fedgen.data.silos import build_silos, split_by_patient
 
 
 def _pool(patients=60, per_patient=3, sources=3, seed=0):

@@ -14,8 +14,8 @@ import torch
 from fedgen.cli import main as cli_main
 from fedgen.config import load_config
 from fedgen.model import build_unet
-from fedgen.privacy import EpsilonLedger, epsilon_of
-from fedgen.processes import TAG_VARIABLE
+from fedgen.privacy.accounting import EpsilonLedger, epsilon_of
+from fedgen.running.processes import TAG_VARIABLE
 
 FEDGEN = str(Path(sys.executable).parent / "fedgen")
 

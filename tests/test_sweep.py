@@ -20,12 +20,12 @@ from PIL import Image
 
 from attacks.metrics import evaluate_scores
 from fedgen import sweep
-from fedgen.comparison import METRICS, hparams_sessions, number, run_row, write_hparams
 from fedgen.config import ConfigError, load_config
-from fedgen.processes import TAG_VARIABLE
-from fedgen.report import fmt, tpr_bound, write_run_report
+from fedgen.evaluation.comparison import METRICS, hparams_sessions, number, run_row, write_hparams
+from fedgen.evaluation.report import fmt, tpr_bound, write_run_report
 from fedgen.run_dir import RunDir, write_json
-from fedgen.simulate import prepare_run_dir
+from fedgen.running.processes import TAG_VARIABLE
+from fedgen.running.simulate import prepare_run_dir
 from fedgen.tracking import FederationLogger
 
 FEDGEN = str(Path(sys.executable).parent / "fedgen")
@@ -321,7 +321,7 @@ def test_plan_routes_overrides_and_refuses_bad_settings(tmp_path):
 def test_a_failed_run_does_not_lose_the_others_and_finished_runs_are_skipped(tmp_path, monkeypatch):
     """Orchestration without Flower: training and the attack are replaced by fabricated results."""
     import attacks.audit
-    import fedgen.simulate
+    import fedgen.running.simulate
 
     trained, attacked = [], []
 
@@ -340,7 +340,7 @@ def test_a_failed_run_does_not_lose_the_others_and_finished_runs_are_skipped(tmp
             parts=("attack",),
         )
 
-    monkeypatch.setattr(fedgen.simulate, "simulate", fake_simulate)
+    monkeypatch.setattr(fedgen.running.simulate, "simulate", fake_simulate)
     monkeypatch.setattr(attacks.audit, "audit_run", fake_audit)
     overrides = [
         f"runs_dir={tmp_path}",
@@ -421,7 +421,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
             and (run.root / "attack.json").exists()
             and (run.root / "report.md").exists()
         )
-    if importlib.util.find_spec("fedgen.utility") is not None:
+    if importlib.util.find_spec("fedgen.evaluation.utility") is not None:
         assert all((run.root / "utility.json").exists() for run in runs.values()), done.stdout
     check_outputs(folder, runs)
     # The same command again skips every finished step.

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from scipy.stats import f_oneway
 
-from fedgen.dataset import DataError
-from fedgen.images import save_grid
-from fedgen.synthetic import acquisition_profile, generate_xrays
+from fedgen.data.dataset import DataError
+from fedgen.data.images import save_grid
+from fedgen.data.synthetic import acquisition_profile, generate_xrays
 
 SIZE = 32
 

@@ -10,9 +10,9 @@ import torch
 from flwr.app import ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from fedgen.config import load_config
-from fedgen.coordinator import Coordinator
+from fedgen.federation.coordinator import Coordinator
+from fedgen.federation.update_checks import TRAIN_METRIC_KEYS, metrics_problem, update_problem
 from fedgen.run_dir import RunDir
-from fedgen.update_checks import TRAIN_METRIC_KEYS, metrics_problem, update_problem
 from server.app import make_strategy
 
 TINY = ["data.image_size=16", "data.num_patients=48", "federation.num_hospitals=3", "federation.local_epochs=1",

@@ -14,11 +14,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fedgen import utility
 from fedgen.config import load_config
-from fedgen.dataset import ImageSet
+from fedgen.data.dataset import ImageSet
+from fedgen.data.silos import build_silos
+from fedgen.evaluation.utility import evaluate_utility
 from fedgen.model import build_scheduler, initial_unet
 from fedgen.run_dir import RunDir, write_json
-from fedgen.silos import build_silos
-from fedgen.utility import evaluate_utility
 
 FINAL_ROUND = 3
 TINY = [

@@ -21,7 +21,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from fedgen.dataset import DataError, ImageSet, to_unit_range
+from fedgen.data.dataset import DataError, ImageSet, to_unit_range
 
 MEDMNIST_SPLITS = ("train", "val", "test")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedgen.config import ConfigError, FederationConfig
-from fedgen.dataset import DataError, ImageSet
+from fedgen.data.dataset import DataError, ImageSet
 
 
 def _patients(data: ImageSet) -> tuple[np.ndarray, np.ndarray]:

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from fedgen.config import DataConfig, ExperimentConfig
-from fedgen.dataset import DataError, ImageSet
-from fedgen.partition import partition
+from fedgen.data.dataset import DataError, ImageSet
+from fedgen.data.partition import partition
 
 ROLES = ("member", "heldout", "validation", "canary")
 
@@ -136,7 +136,7 @@ def take_canaries(heldout: ImageSet, count: int, hospital: int, rng: np.random.G
 def load_pool(cfg: DataConfig, num_sources: int) -> ImageSet:
     """All images before partitioning: synthetic X-rays (one source per hospital) or a real loader."""
     if cfg.source == "synthetic":
-        from fedgen.synthetic import generate_xrays
+        from fedgen.data.synthetic import generate_xrays
 
         return generate_xrays(
             num_patients=cfg.num_patients,
@@ -146,7 +146,7 @@ def load_pool(cfg: DataConfig, num_sources: int) -> ImageSet:
             finding_rate=cfg.finding_rate,
             seed=cfg.seed,
         )
-    from fedgen.loaders import load_images
+    from fedgen.data.loaders import load_images
 
     if not cfg.path:
         raise DataError(f"data.path: the '{cfg.source}' loader needs a path")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from fedgen.dataset import DataError, ImageSet
+from fedgen.data.dataset import DataError, ImageSet
 
 _SUPERSAMPLE = 2  # render at 2x and area-average: smooth edges without a 4x cost
 _PIXELS_PER_CHUNK = 2**18  # small work arrays (1 MB) stay in cache: faster than one big batch

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedgen.dp_randomness import dp_noise_label  # noqa: E402
+from fedgen.privacy.randomness import dp_noise_label  # noqa: E402
 from fedgen.run_dir import RunDir, read_json  # noqa: E402
 
 # Every HParams session declares these (value: an example of the type); absent values stay blank.
@@ -325,7 +325,7 @@ def write_tradeoff(sweep_dir: str | Path, rows: list[dict], title: str) -> Path:
     figure, plus the sweep's table as text, in `<sweep>/tb`."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from fedgen.report import sweep_table
+    from fedgen.evaluation.report import sweep_table
 
     sweep_dir = Path(sweep_dir)
     fig, points = tradeoff_figure(rows, title)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from fedgen.dataset import ImageSet
+from fedgen.data.dataset import ImageSet
 
 LABELLER_FORMAT = "fedgen-finding-labeller/1"
 

@@ -23,7 +23,7 @@ Not the finding label by default (`finding_weight=0`): at 32x32 a nodule is a co
 and a few hundred images do not teach it (held-out AUC ~0.6), so the head memorised the training
 images' labels and made training images' features differ from unseen images' (training vs
 held-out FD 5x the held-out vs held-out FD): that would inflate the real-vs-real floor and
-mix memorisation into the quality score. The downstream check (`fedgen.downstream`) covers the finding.
+mix memorisation into the quality score. The downstream check (`fedgen.evaluation.downstream`) covers the finding.
 Measured with 300 training images (FD relative to unseen half vs unseen half, two seeds): noise
 std 0.3 25-35x, blur sigma 1 px ~10x, left-right flip 50-130x, 2-pixel shift ~25x, one hospital's
 images only 150-180x, training images ~1x; mild noise (std 0.1) or blur (0.5 px) only ~2x.
@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedgen.dataset import ImageSet
+from fedgen.data.dataset import ImageSet
 
 ENCODER_FORMAT = "fedgen-feature-encoder/1"
 INCEPTION_EXTRA = 'pip install "fedgen[inception]"'

@@ -1,6 +1,6 @@
 """Fidelity and diversity of generated images, measured on features: Frechet distance, precision, recall.
 
-Pure numpy/scipy: the features come from elsewhere (`fedgen.features`), arrays [N, D].
+Pure numpy/scipy: the features come from elsewhere (`fedgen.evaluation.features`), arrays [N, D].
 
 - Frechet distance (Heusel et al. 2017, "FID" when the features are Inception pool3): the
   2-Wasserstein distance between Gaussians fitted to the two feature sets,

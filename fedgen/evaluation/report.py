@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fedgen.comparison import number, run_row, shared_value
+from fedgen.evaluation.comparison import number, run_row, shared_value
 from fedgen.run_dir import RunDir, read_json
 
 UTILITY_DOC = "`docs/utility.md` in the fedgen repository"

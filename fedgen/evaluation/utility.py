@@ -10,14 +10,14 @@ leaks nothing. For one run directory this module
    trained on, same distribution). The held-out images are the reference the generated images
    are compared with; the training images teach the feature encoder and the downstream labeller,
    so the reference stays unseen by every instrument that measures against it;
-3. trains or loads the feature encoder (`fedgen.features`), cached by default beside the run
+3. trains or loads the feature encoder (`fedgen.evaluation.features`), cached by default beside the run
    directory, `<runs parent>/encoder-<fingerprint>.pt`, so every run of a sweep under one parent
    directory is measured with the same encoder (when they share their training images); the
    downstream check's labeller is cached the same way (`labeller-<fingerprint>.pt`);
-4. computes the Frechet distance, precision and recall (`fedgen.fidelity`) of the generated
+4. computes the Frechet distance, precision and recall (`fedgen.evaluation.fidelity`) of the generated
    images against the held-out images, the same for as many real training images (the floor a
    perfect generator would reach with that many samples), and the downstream check
-   (`fedgen.downstream`) when the images have 0/1 labels;
+   (`fedgen.evaluation.downstream`) when the images have 0/1 labels;
 5. measures the untrained model the run started from the same way (validation loss and Frechet
    distance): the other end of the scale, so a reader can tell a model that learned little (a
    DP run whose attacks find nothing proves little if it also learned nothing) from one that
@@ -39,22 +39,22 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from fedgen.coordinator import finite_mean
-from fedgen.dataset import ImageSet
+from fedgen.data.dataset import ImageSet
+from fedgen.data.silos import Silo, build_silos, check_records
 from fedgen.diffusion import sample_images
-from fedgen.downstream import (
+from fedgen.evaluation.downstream import (
     downstream_check,
     has_binary_labels,
     labeller_fingerprint,
     load_or_train_labeller,
 )
-from fedgen.features import EncoderSettings, encoder_fingerprint, load_or_train_encoder
-from fedgen.fidelity import frechet_distance, precision_recall
-from fedgen.hospital import Hospital
+from fedgen.evaluation.features import EncoderSettings, encoder_fingerprint, load_or_train_encoder
+from fedgen.evaluation.fidelity import frechet_distance, precision_recall
+from fedgen.federation.coordinator import finite_mean
+from fedgen.federation.hospital import Hospital
 from fedgen.model import initial_unet, load_released
 from fedgen.run_dir import RunDir, write_json
 from fedgen.seeding import resolve_device, torch_generator
-from fedgen.silos import Silo, build_silos, check_records
 from fedgen.tracking import FederationLogger
 
 NEAREST_NEIGHBOURS = 3  # k of improved precision and recall (Kynkaenniemi et al. 2019)

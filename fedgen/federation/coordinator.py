@@ -17,11 +17,11 @@ import torch
 
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import sample_images
+from fedgen.federation.update_checks import StateDict, update_problem
 from fedgen.model import build_scheduler, initial_unet
 from fedgen.run_dir import RunDir, write_json
 from fedgen.seeding import torch_generator
 from fedgen.tracking import FederationLogger
-from fedgen.update_checks import StateDict, update_problem
 
 
 def finite_mean(values: list[float]) -> float:

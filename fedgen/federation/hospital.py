@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from fedgen.config import ExperimentConfig
+from fedgen.data.silos import Silo, build_silos
 from fedgen.diffusion import Diffusion, unet_denoiser
-from fedgen.dp_sgd import train_locally
 from fedgen.model import build_scheduler, build_unet
-from fedgen.privacy import EpsilonLedger, check_delta, make_plan
+from fedgen.privacy.accounting import EpsilonLedger, check_delta, make_plan
+from fedgen.privacy.dp_sgd import train_locally
 from fedgen.seeding import derive_seed, resolve_device, torch_generator
-from fedgen.silos import Silo, build_silos
 
 StateDict = dict[str, torch.Tensor]
 

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fedgen.config import ConfigError, ExperimentConfig
-from fedgen.dataset import DataError
+from fedgen.data.dataset import DataError
 
 NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "data-path", "data-csv", "allow-reproducible-noise")
 
@@ -51,8 +51,8 @@ def check_site_privacy(cfg: ExperimentConfig, node_config: Mapping) -> None:
 
 def site_silo(cfg: ExperimentConfig, partition: int, node_config: Mapping):
     """The hospital's silo, from its own images (`data-path`) or its synthetic partition."""
-    from fedgen.hospital import silos_for
-    from fedgen.silos import make_silo
+    from fedgen.data.silos import make_silo
+    from fedgen.federation.hospital import silos_for
 
     num_partitions = int(node_config.get("num-partitions", cfg.federation.num_hospitals))
     if num_partitions != cfg.federation.num_hospitals:
@@ -72,7 +72,7 @@ def site_silo(cfg: ExperimentConfig, partition: int, node_config: Mapping):
         return silos_for(cfg)[partition]
     if cfg.data.source == "synthetic":
         raise DataError("data-path is set but the run uses data=synthetic: pick data=folder|dicom|medmnist")
-    from fedgen.loaders import load_images
+    from fedgen.data.loaders import load_images
 
     csv = node_config.get("data-csv")
     kwargs = {"csv_path": str(csv)} if csv and cfg.data.source == "folder" else {}

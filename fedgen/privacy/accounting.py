@@ -13,7 +13,7 @@ Privacy assumptions, stated once:
 - The accountant's history lives in the ledger file the hospital keeps; it is restored before each
   local training and saved after, so epsilon is cumulative across rounds and process restarts.
 - The server and other hospitals see only the noised model updates (post-processing), and cannot
-  predict the noise or the sampling: both come from the OS's CSPRNG (`dp_randomness`), unless
+  predict the noise or the sampling: both come from the OS's CSPRNG (`randomness`), unless
   `privacy.reproducible_noise` (test only) voids the guarantee, which every record then says.
 """
 
@@ -30,7 +30,7 @@ from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedgen.config import ConfigError, PrivacyConfig
-from fedgen.dp_randomness import NO_GUARANTEE
+from fedgen.privacy.randomness import NO_GUARANTEE
 
 LEDGER_VERSION = 1
 

@@ -6,7 +6,7 @@ lowers the gradient's variance at no privacy cost, since each example still cont
 clipped gradient per step). DP mode computes exact per-example gradients (`per_sample_grads`),
 lets Opacus's DPOptimizer clip them to C, sum, add N(0, sigma^2 C^2) noise and divide by the
 expected batch size, and lets the accountant record every step. The Poisson sampling and the noise
-are secret (`dp_randomness`): nobody holding the config can predict them. Plain mode backpropagates the
+are secret (`randomness`): nobody holding the config can predict them. Plain mode backpropagates the
 batch mean.
 """
 
@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import Diffusion, unet_denoiser
-from fedgen.dp_randomness import NoisingDPOptimizer, poisson_batches, privacy_randomness
-from fedgen.per_sample_grads import per_sample_gradients
-from fedgen.privacy import EpsilonLedger, TrainingPlan
+from fedgen.privacy.accounting import EpsilonLedger, TrainingPlan
+from fedgen.privacy.per_sample_grads import per_sample_gradients
+from fedgen.privacy.randomness import NoisingDPOptimizer, poisson_batches, privacy_randomness
 from fedgen.seeding import torch_generator
 
 

@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedgen.processes import ProcessGroup
-from fedgen.simulate import (
+from fedgen.running.processes import ProcessGroup
+from fedgen.running.simulate import (
     PROJECT_ROOT,
     executable,
     flower_environment,
@@ -58,7 +58,7 @@ def shown(command: list[str], env: dict[str, str] | None = None) -> str:
 def superlink_command(certs: Path | None, host: str, port: int, database: Path) -> list[str]:
     """flower-superlink with TLS (all its APIs share one port) and SuperNode authentication;
     `certs=None` is the insecure mode."""
-    from fedgen.certificates import CertificateFiles
+    from fedgen.running.certificates import CertificateFiles
 
     command = [executable("flower-superlink")]
     if certs is None:
@@ -84,7 +84,7 @@ def _toml_string(value: str | Path) -> str:
 
 def node_config(partition: int, num_partitions: int, data_dir: Path, data_path: str | None = None,
                 data_csv: str | None = None, allow_reproducible_noise: bool = False) -> str:
-    """The SuperNode's node config: which hospital it is and where its data lives (`fedgen.site`)."""
+    """The SuperNode's node config: which hospital it is and where its data lives (`fedgen.federation.site`)."""
     items = [f"partition-id={partition}", f"num-partitions={num_partitions}",
              f"data-dir={_toml_string(Path(data_dir).resolve())}"]
     if allow_reproducible_noise:
@@ -253,7 +253,7 @@ def _foreground(command: list[str], env: dict[str, str], print_only: bool) -> in
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from fedgen.certificates import make_certificates
+    from fedgen.running.certificates import make_certificates
 
     files = make_certificates(args.dir, args.nodes, args.hosts)
     print(f"wrote a CA, a SuperLink certificate for {', '.join(args.hosts or [])}{', ' if args.hosts else ''}"
@@ -311,7 +311,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fedgen.loopback import run_demo
+    from fedgen.running.loopback import run_demo
 
     run_demo(args.overrides, num_nodes=args.nodes, workdir=args.workdir, namespaces=args.netns)
     return 0

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedgen.certificates import CertificateFiles, make_certificates
-from fedgen.deploy import (
+from fedgen.running.certificates import CertificateFiles, make_certificates
+from fedgen.running.deploy import (
     DeploymentError,
     cli_environment,
     deploy_run,
@@ -32,7 +32,7 @@ from fedgen.deploy import (
     supernode_command,
     wait_for_nodes,
 )
-from fedgen.processes import (
+from fedgen.running.processes import (
     TAG_VARIABLE,
     ProcessGroup,
     alive,
@@ -40,7 +40,7 @@ from fedgen.processes import (
     tagged,
     wait_until_healthy,
 )
-from fedgen.simulate import flower_environment
+from fedgen.running.simulate import flower_environment
 
 
 def _ip(*args: str) -> None:

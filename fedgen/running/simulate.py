@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 
 from fedgen.config import CONF_DIR, ConfigError, ExperimentConfig, load_config
-from fedgen.processes import ProcessGroup, free_port, wait_until_healthy
+from fedgen.running.processes import ProcessGroup, free_port, wait_until_healthy
 
 if TYPE_CHECKING:  # run_dir imports torch: keep it out of `fedgen --help`
     from fedgen.run_dir import RunDir
@@ -90,8 +90,8 @@ def executable(name: str) -> str:
 def plan_table(cfg: ExperimentConfig) -> list[dict]:
     """Build every silo and plan its privacy here, so an impossible setting fails before any
     Flower process starts (delta >= 1/N, an empty silo, a budget no noise can meet)."""
-    from fedgen.privacy import EpsilonLedger, make_plan
-    from fedgen.silos import build_silos
+    from fedgen.data.silos import build_silos
+    from fedgen.privacy.accounting import EpsilonLedger, make_plan
 
     rows = []
     for silo in build_silos(cfg):

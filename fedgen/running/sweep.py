@@ -9,9 +9,9 @@ Design:
   the data and federation config and the seed, never from the run's name or privacy settings,
   so every run sees the same patients in the same roles.
 - Every setting's config is composed and checked before anything trains (a typo fails at once).
-- Steps per run: train (in-process `fedgen.simulate.simulate`, which starts and stops its own
+- Steps per run: train (in-process `fedgen.running.simulate.simulate`, which starts and stops its own
   Flower processes), attack (`attacks.audit.audit_run`, 64 extraction samples by default rather
-  than 256), utility (`fedgen.utility.evaluate_utility`: one feature encoder, trained on the
+  than 256), utility (`fedgen.evaluation.utility.evaluate_utility`: one feature encoder, trained on the
   runs' common training images and cached in the sweep folder, measures every run), then the
   run's HParams session and report. A step whose output exists is skipped (train: metrics.json
   says completed and the config is unchanged; attack: attack.json; utility: utility.json), so
@@ -214,8 +214,8 @@ def _record_failure(row: dict, step: str, err: Exception, log, label: str) -> No
 
 def _describe(run: RunDir, row: dict) -> dict:
     """Add the run's numbers; write its HParams session and report."""
-    from fedgen.comparison import run_row, write_hparams
-    from fedgen.report import write_run_report
+    from fedgen.evaluation.comparison import run_row, write_hparams
+    from fedgen.evaluation.report import write_run_report
 
     described = {**row, **run_row(run.root), "path": str(run.root)}
     write_hparams(run.root, described)
@@ -225,7 +225,7 @@ def _describe(run: RunDir, row: dict) -> dict:
 
 # --- steps: each returns "done", or why it did nothing ---------------------------------------------
 def _train(run: RunDir, overrides: list[str], log) -> str:
-    from fedgen.simulate import prepare_run_dir, simulate
+    from fedgen.running.simulate import prepare_run_dir, simulate
 
     argv = ["fedgen", "simulate", *overrides]
     # A complete run with the same config is skipped; a different config raises (ConfigError).
@@ -261,7 +261,7 @@ def _utility(run: RunDir, s: SweepUtility, log) -> str:
         return "off (sweep.utility.enabled=false)"
     if (run.root / "utility.json").exists():
         return "skipped (utility.json exists)"
-    from fedgen.utility import evaluate_utility
+    from fedgen.evaluation.utility import evaluate_utility
 
     evaluate_utility(
         run.root,
@@ -296,8 +296,8 @@ def _write_sweep_json(p: Plan, rows: dict[str, dict], command: str) -> None:
 
 def finish(folder: Path, rows: list[dict], common: list[str], command: str) -> None:
     """The sweep's trade-off figure (PNG and TensorBoard) and report."""
-    from fedgen.comparison import write_tradeoff
-    from fedgen.report import write_sweep_report
+    from fedgen.evaluation.comparison import write_tradeoff
+    from fedgen.evaluation.report import write_sweep_report
 
     usable = [r for r in rows if r["status"] == "ok" and "privacy" in r]
     write_tradeoff(folder, usable, title=f"privacy budgets: {folder.name}")

@@ -1,0 +1,9 @@
+"""What a run produced, measured and written up: `utility` (a released model's images against
+images it never saw, `utility.json`) with `features`, `fidelity` and `downstream`; `comparison`
+(runs side by side: one row per run, TensorBoard HParams, the trade-off figure) and `report`
+(the privacy reports in Markdown).
+
+May import every layer below it, the federation included (a run's hospitals give the images to
+compare against). Never attacks or the commands, `fedgen.running` and `fedgen.cli`
+(`tests/test_layering.py` keeps it so).
+"""
