@@ -31,7 +31,7 @@ from scipy.special import expit
 from scipy.stats import beta as beta_dist
 from scipy.stats import binom, norm
 
-from attacks.metrics import confusion_counts, validate_scores
+from attacks.scores import confusion_counts, validate_scores
 
 THRESHOLD_CORRECTIONS = ("bonferroni", "none")
 # Fractions of the m canaries guessed on (half "in" from the top, half "out" from the bottom) that
