@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from fedgen import features
 from fedgen.data.synthetic import generate_xrays
+from fedgen.evaluation import features
 from fedgen.evaluation.features import (
     EncoderSettings,
     encoder_fingerprint,

@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 
 from attacks.metrics import evaluate_scores
-from fedgen import sweep
 from fedgen.config import ConfigError, load_config
 from fedgen.evaluation.comparison import METRICS, hparams_sessions, number, run_row, write_hparams
-from fedgen.evaluation.report import fmt, tpr_bound, write_run_report
+from fedgen.evaluation.markdown import fmt
+from fedgen.evaluation.report import tpr_bound, write_run_report
 from fedgen.run_dir import RunDir, write_json
+from fedgen.running import sweep
 from fedgen.running.processes import TAG_VARIABLE
 from fedgen.running.simulate import prepare_run_dir
 from fedgen.tracking import FederationLogger

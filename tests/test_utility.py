@@ -12,10 +12,10 @@ from diffusers import DDPMPipeline
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fedgen import utility
 from fedgen.config import load_config
 from fedgen.data.dataset import ImageSet
 from fedgen.data.silos import build_silos
+from fedgen.evaluation import utility
 from fedgen.evaluation.utility import evaluate_utility
 from fedgen.model import build_scheduler, initial_unet
 from fedgen.run_dir import RunDir, write_json

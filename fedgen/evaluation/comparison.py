@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedgen.evaluation.markdown import sweep_table  # noqa: E402
 from fedgen.privacy.randomness import dp_noise_label  # noqa: E402
 from fedgen.run_dir import RunDir, read_json  # noqa: E402
 
@@ -324,8 +325,6 @@ def write_tradeoff(sweep_dir: str | Path, rows: list[dict], title: str) -> Path:
     """`<sweep>/tradeoff.png` (its plotted numbers in the PNG's Description text) and the same
     figure, plus the sweep's table as text, in `<sweep>/tb`."""
     from torch.utils.tensorboard import SummaryWriter
-
-    from fedgen.evaluation.report import sweep_table
 
     sweep_dir = Path(sweep_dir)
     fig, points = tradeoff_figure(rows, title)

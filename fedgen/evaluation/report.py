@@ -3,9 +3,8 @@
 `write_run_report(run)` -> `<run>/report.md`: what was trained, with what guarantee (epsilon,
 delta, accountant, sampling, per hospital), the utility numbers, what the attacks found, and the
 samples, with the run's figures linked by relative path (samples.png, roc.png, extraction.png).
-`write_sweep_report(sweep, rows)` -> `<sweep>/report.md`: the runs of a sweep side by side, the
-trade-off figure and a link to each run's report. Numbers come from the run's files only
-(`comparison.run_row`, metrics.json, attack.json, utility.json); formatting is `fmt`.
+Numbers come from the run's files only (`comparison.run_row`, metrics.json, attack.json,
+utility.json); formatting is `markdown.fmt`. A sweep's report is `sweep_report`.
 """
 
 from __future__ import annotations
@@ -13,32 +12,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fedgen.evaluation.comparison import number, run_row, shared_value
+from fedgen.evaluation.comparison import number, run_row
+from fedgen.evaluation.markdown import fmt, markdown_table
 from fedgen.run_dir import RunDir, read_json
 
 UTILITY_DOC = "`docs/utility.md` in the fedgen repository"
 SAMPLES_TAG = "samples/fixed_noise"
 
 
-def fmt(value, digits: int = 3) -> str:
-    """How every number appears in a report: 3 significant digits, "n/a" when unknown."""
-    if value is None or isinstance(value, str):
-        return "n/a" if value is None else value
-    if isinstance(value, bool | int):
-        return str(value)
-    x = float(value)
-    return f"{x:.{digits}g}" if math.isfinite(x) else "n/a"
-
-
 def tpr_bound(epsilon: float, delta: float, fpr: float = 0.01) -> float:
     """The most any membership attack can achieve at this FPR under (epsilon, delta)-DP:
     TPR <= e^epsilon * FPR + delta (Kairouz et al. 2015), capped at 1."""
     return min(1.0, math.exp(min(epsilon, 700.0)) * fpr + delta)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def save_last_samples(run: RunDir) -> Path | None:
@@ -160,11 +145,11 @@ def _trained(run: RunDir, row: dict, metrics: dict) -> str:
         ["released model", "`pipeline/` (a diffusers DDPMPipeline)"],
     ]
     command = run.command.read_text().strip() if run.command.exists() else "n/a"
-    text = ["## What was trained", _table(["", ""], settings), f"Command: `{command}`"]
+    text = ["## What was trained", markdown_table(["", ""], settings), f"Command: `{command}`"]
     if sizes:
         text += [
             "Images per hospital (split by patient: a patient is on one side only):",
-            _table(
+            markdown_table(
                 ["hospital", "trained on", "held out (attack non-members)", "validation"], sizes
             ),
         ]
@@ -207,7 +192,7 @@ def _guarantee(row: dict, metrics: dict) -> str:
                  "training time, never from the config: no other party could predict them."]
                 if row.get("dp_noise") == "secret" else []
             ),
-            _table(
+            markdown_table(
                 ["hospital", "sampling rate q", "steps", "noise multiplier", "epsilon", "delta"],
                 per_hospital,
             ),
@@ -235,7 +220,7 @@ def _utility(row: dict, utility: dict) -> str:
         if row["downstream_auc"] is None
         else f"{fmt(row['downstream_auc'])} (trained on real images: {fmt(row['downstream_baseline_auc'])})"
     )
-    table = _table(
+    table = markdown_table(
         ["measure", "value", "better"],
         [
             [
@@ -279,7 +264,7 @@ def _attacks(row: dict, attack: dict, root: Path) -> str:
     eps = fmt(row["epsilon"])
     results = attack["attacks"]
     first = next(iter(results.values()))
-    table = _table(
+    table = markdown_table(
         ["attack", "AUC [95% CI]", "TPR at 1% FPR", "advantage", "epsilon lower bound (CP / GDP)"],
         [
             [
@@ -293,7 +278,7 @@ def _attacks(row: dict, attack: dict, root: Path) -> str:
             for name, r in results.items()
         ],
     )
-    hospitals = _table(
+    hospitals = markdown_table(
         [
             "hospital",
             "accountant epsilon",
@@ -360,94 +345,3 @@ def _caveats() -> str:
             "- Largest values are over several attacks, each at 95% confidence: taking the largest is the cautious reading.",
         ]
     )
-
-
-# --- a sweep -------------------------------------------------------------------------------------
-SWEEP_COLUMNS = [
-    ("setting", "setting"),
-    ("target_epsilon", "target epsilon"),
-    ("epsilon", "achieved epsilon"),
-    ("noise_multiplier", "noise multiplier"),
-    ("val_loss", "val loss"),
-    ("frechet_distance", "FD"),
-    ("precision", "precision"),
-    ("recall", "recall"),
-    ("downstream_auc", "downstream AUC"),
-    ("attack_auc", "best attack AUC"),
-    ("tpr_at_1pct_fpr", "TPR@1%FPR"),
-    ("epsilon_lb", "epsilon lower bound"),
-]
-
-
-def sweep_table(rows: list[dict], links: bool = True) -> str:
-    body = []
-    for r in rows:
-        cells = [fmt(r.get(key)) for key, _ in SWEEP_COLUMNS]
-        if r.get("privacy") == "none":
-            cells[1] = cells[2] = "no DP"
-        if links and r.get("path") and (Path(r["path"]) / "report.md").exists():
-            cells[0] = f"[{r['setting']}]({r['setting']}/report.md)"
-        if r.get("status") == "failed":
-            cells[0] += " (failed)"
-        body.append(cells)
-    return _table([title for _, title in SWEEP_COLUMNS], body)
-
-
-def _sweep_references(rows: list[dict]) -> str:
-    """The ends of the utility scale, shared by every run: real images and the untrained model."""
-    keys = ("frechet_distance_real", "val_loss_untrained", "frechet_distance_untrained")
-    first = {key: shared_value(rows, key) for key in keys}
-    if all(v is None for v in first.values()):
-        return ""
-    return (
-        f"For scale: real training images score FD {fmt(first['frechet_distance_real'])} (the floor); "
-        f"the untrained model every run started from scores val loss {fmt(first['val_loss_untrained'])} "
-        f"and FD {fmt(first['frechet_distance_untrained'])} (nothing learned). A run near the untrained "
-        "model learned little, and attacks that find nothing in it prove little."
-    )
-
-
-def write_sweep_report(
-    sweep_dir: str | Path, rows: list[dict], common: list[str], command: str
-) -> Path:
-    sweep_dir = Path(sweep_dir)
-    failed = [r for r in rows if r.get("status") == "failed"]
-    parts = [
-        f"# Privacy budgets compared: {sweep_dir.name}",
-        f"{len(rows)} federations that differ only in their privacy setting: the same hospitals, the "
-        "same patients in the same roles, the same seeds. Each trained, then its released model was "
-        "attacked and its samples measured against images it never saw. "
-        f"Settings shared by every run: `{' '.join(common) or '(defaults)'}`. Command: `{command}`.",
-        sweep_table(rows),
-    ]
-    references = _sweep_references(rows)
-    if references:
-        parts.append(references)
-    if (sweep_dir / "tradeoff.png").exists():
-        parts.append(
-            "![privacy/utility trade-off](tradeoff.png)\n\nLeft axis: utility (lower is better). "
-            "Right axis: the strongest membership attack's AUC (0.5 = guessing). "
-            "Each run's report (linked in the table) says what was trained, the guarantee and the attacks."
-        )
-    if failed:
-        parts.append(
-            "## Failed runs\n\n"
-            + "\n".join(f"- {r['setting']} ({r.get('step')}): {r.get('error')}" for r in failed)
-        )
-    parts.append(
-        "\n".join(
-            [
-                "## Reading the comparison",
-                "",
-                "- epsilon: the accountant's guarantee per training image (largest over hospitals); smaller is stronger.",
-                "- val loss, FD, precision, recall, downstream AUC: image quality on images no run trained on "
-                f"({UTILITY_DOC}).",
-                "- best attack AUC, TPR@1%FPR, epsilon lower bound: what the strongest membership attack found "
-                "(largest over attacks); the lower bound must stay below epsilon.",
-                "- A small sweep (few images, few rounds) gives noisy numbers: compare trends, not the third digit.",
-            ]
-        )
-    )
-    path = sweep_dir / "report.md"
-    path.write_text("\n\n".join(parts) + "\n")
-    return path

@@ -297,7 +297,7 @@ def _write_sweep_json(p: Plan, rows: dict[str, dict], command: str) -> None:
 def finish(folder: Path, rows: list[dict], common: list[str], command: str) -> None:
     """The sweep's trade-off figure (PNG and TensorBoard) and report."""
     from fedgen.evaluation.comparison import write_tradeoff
-    from fedgen.evaluation.report import write_sweep_report
+    from fedgen.evaluation.sweep_report import write_sweep_report
 
     usable = [r for r in rows if r["status"] == "ok" and "privacy" in r]
     write_tradeoff(folder, usable, title=f"privacy budgets: {folder.name}")
