@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="Hydra overrides, e.g. privacy=eps1 federation.num_rounds=3"
     )
     sim.set_defaults(run=_simulate)
-    from fedgen.running.deploy import add_deploy_commands
+    from fedgen.running.deploy_commands import add_deploy_commands
 
     add_deploy_commands(commands)  # fedgen deploy certs|superlink|register|supernode|run|demo
     att = commands.add_parser(
