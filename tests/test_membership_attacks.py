@@ -18,15 +18,11 @@ from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
 from attacks.dataset_inference import DATASET_TESTS, dataset_inference
-from attacks.membership import (
-    ATTACKS,
-    LossConfig,
-    PiaConfig,
-    SecMIConfig,
-    build_attack,
-    run_attacks,
-)
+from attacks.loss import LossConfig
+from attacks.membership import ATTACKS, build_attack, run_attacks
 from attacks.metrics import auc
+from attacks.pia import PiaConfig
+from attacks.secmi import SecMIConfig
 from fedgen.config import ModelConfig
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.model import build_scheduler, build_unet
