@@ -17,7 +17,8 @@ abar_t = alphas_cumprod[t], x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
 - `pian`  PIA with eps0 rescaled per image to the mean absolute value of a standard normal.
 - `secmi` (Duan et al., ICML 2023): deterministic DDIM inversion x0 -> x_{t_sec}, one DDIM step on
           to t_sec + k and back; -||x_{t_sec} - x^_{t_sec}||^2 (SecMI-stat). In `attacks.secmi`.
-- `sima`  (Rao et al., TMLR 2025): -||eps_theta(x0, t)||_4^4 at a small t. One query. In `attacks.sima`.
+- `sima`  (Rao et al., TMLR 2025): -||eps_theta(x0, t)||_4^4 at a small t. One query.
+          In `attacks.sima`.
 
 This module is the registry (`ATTACKS`, `build_attack`) and `run_attacks`; what the attacks share
 (the `MembershipAttack` base class, input checks, seeded noise) is `attacks.membership_base`.

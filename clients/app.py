@@ -1,4 +1,5 @@
-"""ClientApp: one hospital. Unpacks the message, calls `fedgen.federation.hospital.Hospital`, packs the reply."""
+"""ClientApp: one hospital. Unpacks the message, calls `fedgen.federation.hospital.Hospital`, packs
+the reply."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def hospital_for(context: Context) -> Hospital:
     """The hospital this node serves. One simulated worker may serve several: cache each.
 
     A deployed SuperNode names its own `data-dir` (and optionally `data-path`) in its node config:
-    its ledger and records then live there (`fedgen.federation.site`), never in the coordinator's run dir."""
+    its ledger and records then live there (`fedgen.federation.site`), never in the coordinator's
+    run dir."""
     overrides = overrides_from_run_config(context.run_config)
     node = context.node_config
     partition = int(node["partition-id"])

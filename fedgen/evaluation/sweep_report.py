@@ -1,4 +1,5 @@
-"""A sweep's privacy report in Markdown, for a reader who runs nothing: a hospital's privacy officer.
+"""A sweep's privacy report in Markdown, for a reader who runs nothing (a hospital's privacy
+officer), as `report` is a run's.
 
 `write_sweep_report(sweep, rows)` -> `<sweep>/report.md`: the runs of a sweep side by side, the
 trade-off figure and a link to each run's report (`report.write_run_report`). The rows are

@@ -10,12 +10,12 @@ leaks nothing. For one run directory this module
    trained on, same distribution). The held-out images are the reference the generated images
    are compared with; the training images teach the feature encoder and the downstream labeller,
    so the reference stays unseen by every instrument that measures against it;
-3. trains or loads the feature encoder (`fedgen.evaluation.features`), cached by default beside the run
-   directory, `<runs parent>/encoder-<fingerprint>.pt`, so every run of a sweep under one parent
+3. trains or loads the feature encoder (`fedgen.evaluation.features`), cached by default beside the
+   run directory, `<runs parent>/encoder-<fingerprint>.pt`, so every run of a sweep under one parent
    directory is measured with the same encoder (when they share their training images); the
    downstream check's labeller is cached the same way (`labeller-<fingerprint>.pt`);
-4. computes the Frechet distance, precision and recall (`fedgen.evaluation.fidelity`) of the generated
-   images against the held-out images, the same for as many real training images (the floor a
+4. computes the Frechet distance, precision and recall (`fedgen.evaluation.fidelity`) of the
+   generated images against the held-out images, the same for as many real training images (the floor a
    perfect generator would reach with that many samples), and the downstream check
    (`fedgen.evaluation.downstream`) when the images have 0/1 labels;
 5. measures the untrained model the run started from the same way (validation loss and Frechet

@@ -71,7 +71,8 @@ def _toml_string(value: str | Path) -> str:
 
 def node_config(partition: int, num_partitions: int, data_dir: Path, data_path: str | None = None,
                 data_csv: str | None = None, allow_reproducible_noise: bool = False) -> str:
-    """The SuperNode's node config: which hospital it is and where its data lives (`fedgen.federation.site`)."""
+    """The SuperNode's node config: which hospital it is and where its data lives
+    (`fedgen.federation.site`)."""
     items = [f"partition-id={partition}", f"num-partitions={num_partitions}",
              f"data-dir={_toml_string(Path(data_dir).resolve())}"]
     if allow_reproducible_noise:
