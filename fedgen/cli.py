@@ -10,6 +10,7 @@ EPILOG = """examples:
   fedgen simulate                                   # the default: 3 hospitals, epsilon 8
   fedgen simulate privacy=eps1 federation.num_hospitals=5 name=eps1-5h
   fedgen simulate privacy=none federation.num_rounds=10 name=nodp
+  fedgen pretrain                                   # the public base the demo fine-tunes (cached)
   fedgen attack runs/default                        # how much does the released model leak?
   fedgen sweep                                      # no DP, epsilon 10, 4, 1 side by side
   fedgen sweep sweep.privacy=[none,eps8] federation.num_rounds=10 sweep.name=r10
@@ -22,6 +23,15 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedgen.running.simulate import simulate
 
     simulate(args.overrides, argv=["fedgen", "simulate", *args.overrides])
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fedgen.config import load_config
+    from fedgen.running.pretrain import pretrain
+
+    cfg = load_config(args.overrides)
+    pretrain(cfg, cfg.runs_dir)
     return 0
 
 
@@ -109,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="Hydra overrides, e.g. privacy=eps1 federation.num_rounds=3"
     )
     sim.set_defaults(run=_simulate)
+    pre = commands.add_parser(
+        "pretrain", help="train the public base model (model.init=pretrained) once; cached by its config"
+    )
+    pre.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pretrain.epochs=10 data.image_size=16")
+    pre.set_defaults(run=_pretrain)
     from fedgen.running.deploy_commands import add_deploy_commands
 
     add_deploy_commands(commands)  # fedgen deploy certs|superlink|register|supernode|run|demo

@@ -49,6 +49,10 @@ class ModelConfig:
     norm_num_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"  # any diffusers DDPMScheduler beta_schedule
+    # Where round 0's global model comes from: null = random weights from `seed`; "pretrained" =
+    # fedgen's base, trained without DP on the public archive (`pretrain.*`) and cached under
+    # <runs_dir>/pretrained/; or the path of any diffusers DDPMPipeline or UNet2DModel folder.
+    init: str | None = None
 
 
 @dataclass
@@ -66,11 +70,38 @@ class PrivacyConfig:
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = 32  # expected batch size: Poisson sample rate q = batch_size / N
+    batch_size: int = 32  # expected (logical) batch size: Poisson sample rate q = batch_size / N
     learning_rate: float = 2e-3
     optimizer: str = "adam"  # adam | sgd
     noise_multiplicity: int = 1  # K draws of (t, noise) averaged per example before clipping
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Which parameters the hospitals train (the rest stay as the global model has them, and DP
+    # computes and noises no gradient for them): "all", or named groups joined by "+":
+    # norms_biases, attention, up_blocks, down_blocks, mid_block (fedgen.model.TRAINABLE_GROUPS).
+    trainable: str = "all"
+    # > 0: each hospital sends the exponential moving average of its local iterates (decay per
+    # step) instead of the last one: post-processing of the noisy steps, free in privacy.
+    ema_decay: float = 0.0
+    # > 0: per-example gradients are computed in chunks of at most this many images and summed
+    # before the one noisy step (Opacus-style virtual steps): logical batches larger than memory.
+    max_physical_batch_size: int = 0
+
+
+@dataclass
+class PretrainConfig:
+    """The public archive the base model (model.init=pretrained) trains on, without DP."""
+
+    source: str = "synthetic"  # synthetic | medmnist | folder | dicom
+    path: str | None = None  # a real archive for the loaders
+    csv_path: str | None = None
+    num_patients: int = 1600  # synthetic: patients in the archive (none shared with a hospital)
+    images_per_patient: int = 1
+    num_sources: int = 8  # synthetic: scanners in the archive, each with its own style
+    finding_rate: float = 0.3
+    seed: int = 0
+    epochs: int = 6
+    batch_size: int = 32
+    learning_rate: float = 2e-3
 
 
 @dataclass
@@ -126,6 +157,7 @@ class ExperimentConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 def register_schemas() -> None:
@@ -154,6 +186,17 @@ def to_config(cfg: DictConfig) -> ExperimentConfig:
     assert isinstance(config, ExperimentConfig)
     validate(config)
     return config
+
+
+def absolute_init(overrides: list[str]) -> list[str]:
+    """`model.init=<folder>` as an absolute path: Flower's processes may not share our cwd."""
+    out = []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "model.init" and value not in ("", "null", "pretrained"):
+            o = f"{key}={Path(value).expanduser().resolve()}"
+        out.append(o)
+    return out
 
 
 def load_config(overrides: list[str] | None = None) -> ExperimentConfig:
@@ -237,6 +280,14 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
     _require(t.noise_multiplicity >= 1, "training.noise_multiplicity", "must be >= 1")
     _require(t.optimizer in ("adam", "sgd"), "training.optimizer", f"unknown '{t.optimizer}'")
+    _require(0.0 <= t.ema_decay < 1.0, "training.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    _require(t.max_physical_batch_size >= 0, "training.max_physical_batch_size",
+             f"must be >= 0 (0: no limit), got {t.max_physical_batch_size}")
+    pre = cfg.pretrain
+    for name in ("num_patients", "images_per_patient", "num_sources", "epochs", "batch_size"):
+        _require(getattr(pre, name) >= 1, f"pretrain.{name}", f"must be >= 1, got {getattr(pre, name)}")
+    _require(pre.learning_rate > 0, "pretrain.learning_rate", f"must be > 0, got {pre.learning_rate}")
+    _require(pre.source in ("synthetic", "medmnist", "folder", "dicom"), "pretrain.source", f"unknown '{pre.source}'")
     _require(f.num_hospitals >= 1, "federation.num_hospitals", f"must be >= 1, got {f.num_hospitals}")
     _require(f.num_rounds >= 1, "federation.num_rounds", f"must be >= 1, got {f.num_rounds}")
     _require(f.local_epochs >= 1, "federation.local_epochs", f"must be >= 1, got {f.local_epochs}")

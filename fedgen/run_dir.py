@@ -7,6 +7,7 @@ runs/<name>/
   pipeline/                                  the final global model as a diffusers DDPMPipeline
   hospitals/hospital-0/{ledger,records}.json each hospital's epsilon ledger and member/held-out split
   metrics.json                               per-round history and every hospital's ledger
+  base.json                                  where round 0's weights came from (model.init, sha256)
   flower.log                                 everything Flower printed
 """
 
@@ -60,6 +61,7 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     pipeline = property(lambda self: self.root / "pipeline")
     metrics = property(lambda self: self.root / "metrics.json")
+    base = property(lambda self: self.root / "base.json")
     flower_log = property(lambda self: self.root / "flower.log")
 
     def hospital_home(self, hospital: int) -> Path:

@@ -12,12 +12,13 @@ from diffusers import DDPMPipeline
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fedgen.base_model import initial_unet
 from fedgen.config import load_config
 from fedgen.data.dataset import ImageSet
 from fedgen.data.silos import build_silos
 from fedgen.evaluation import utility
 from fedgen.evaluation.utility import evaluate_utility
-from fedgen.model import build_scheduler, initial_unet
+from fedgen.model import build_scheduler
 from fedgen.run_dir import RunDir, write_json
 
 FINAL_ROUND = 3
@@ -45,7 +46,7 @@ def make_run(root: Path, overrides: list[str]) -> RunDir:
     for silo in build_silos(cfg):
         run.hospital_home(silo.hospital).mkdir(parents=True)
         (run.hospital_home(silo.hospital) / "records.json").write_text(json.dumps(silo.records()))
-    unet = initial_unet(cfg)
+    unet = initial_unet(cfg, run.root.parent)
     DDPMPipeline(unet=unet, scheduler=build_scheduler(cfg.model)).save_pretrained(str(run.pipeline))
     history = [{"round": r, "val_loss": 1.0 / r} for r in range(1, FINAL_ROUND + 1)]
     summary = {"val_loss": history[-1]["val_loss"], "rounds_completed": FINAL_ROUND}

@@ -276,10 +276,13 @@ def generate_xrays(
     num_sources: int,
     finding_rate: float,
     seed: int,
+    first_source: int = 0,
 ) -> ImageSet:
     """Synthetic chest X-rays: images [num_patients * images_per_patient, 1, S, S] in [-1, 1].
 
-    Patient j belongs to source j % num_sources, has id "s{source}-p{j:05d}" and all its
+    Patient j belongs to source first_source + j % num_sources (a source is a scanner with its own
+    style; `first_source` keeps another collection's patients and scanners apart, as the public
+    archive does), has id "s{source}-p{j:05d}" and all its
     images together. The finding is drawn per patient (a nodule persists between a patient's
     films): with probability finding_rate the patient has one nodule, label 1, in every image;
     otherwise label 0. Everything else about a patient is the same whatever finding_rate is.
@@ -298,15 +301,17 @@ def generate_xrays(
     if seed < 0:
         raise DataError(f"seed must be >= 0, got {seed}")
 
-    profiles = [acquisition_profile(s, seed) for s in range(num_sources)]
+    if first_source < 0:
+        raise DataError(f"first_source must be >= 0, got {first_source}")
+    profiles = [acquisition_profile(first_source + s, seed) for s in range(num_sources)]
     rows: list[dict] = []
     patient_ids, labels, sources = [], [], []
     for j in range(num_patients):
-        source = j % num_sources
+        source = first_source + j % num_sources
         rng = np.random.default_rng([seed, source, _PATIENT_STREAM, j])
         patient = _draw_patient(rng, finding_rate)
         acquisition = {
-            f.name: getattr(profiles[source], f.name) for f in fields(AcquisitionProfile)
+            f.name: getattr(profiles[j % num_sources], f.name) for f in fields(AcquisitionProfile)
         }
         for _ in range(images_per_patient):
             rows.append({**patient, **_draw_view(rng, patient), **acquisition})

@@ -39,6 +39,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from fedgen.base_model import initial_unet, weights_hash
 from fedgen.data.dataset import ImageSet
 from fedgen.data.silos import Silo, build_silos, check_records
 from fedgen.diffusion import sample_images
@@ -52,8 +53,8 @@ from fedgen.evaluation.features import EncoderSettings, encoder_fingerprint, loa
 from fedgen.evaluation.fidelity import frechet_distance, precision_recall
 from fedgen.federation.coordinator import finite_mean
 from fedgen.federation.hospital import Hospital
-from fedgen.model import initial_unet, load_released
-from fedgen.run_dir import RunDir, write_json
+from fedgen.model import load_released
+from fedgen.run_dir import RunDir, read_json, write_json
 from fedgen.seeding import resolve_device, torch_generator
 from fedgen.tracking import FederationLogger
 
@@ -117,6 +118,19 @@ def _untrained_validation_loss(run: RunDir, cfg, silos: list[Silo], unet: UNet2D
     return finite_mean([Hospital(cfg, s, run.hospital_home(s.hospital)).evaluate(state)["val-loss"] for s in silos])
 
 
+def start_model(run: RunDir, cfg) -> UNet2DModel:
+    """The model the run started from (its base, or the untrained weights), checked against the
+    hash the run recorded: a base replaced since would make the comparison meaningless."""
+    unet = initial_unet(cfg, run.root.parent)
+    recorded = read_json(run.base).get("weights_sha256")
+    if recorded and weights_hash(unet.state_dict()) != recorded:
+        raise ValueError(
+            f"{run.base}: the run started from weights with sha256 {recorded[:16]}..., but "
+            f"model.init={cfg.model.init} now gives other weights: the base was replaced"
+        )
+    return unet
+
+
 def evaluate_utility(
     run_dir: str | Path,
     encoder_path: str | Path | None = None,
@@ -162,7 +176,7 @@ def evaluate_utility(
     generated = generate(
         unet, scheduler, num_samples, cfg.data.image_size, sampling, batch_size, seed, progress, device
     )
-    untrained = initial_unet(cfg)
+    untrained = start_model(run, cfg)
     generated_untrained = generate(
         untrained, scheduler, num_samples, cfg.data.image_size, sampling, batch_size, seed, False, device
     )

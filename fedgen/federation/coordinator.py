@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedgen.base_model import describe_base, initial_unet
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import sample_images
 from fedgen.federation.update_checks import StateDict, update_problem
-from fedgen.model import build_scheduler, initial_unet
+from fedgen.model import build_scheduler
 from fedgen.run_dir import RunDir, write_json
 from fedgen.seeding import torch_generator
 from fedgen.tracking import FederationLogger
@@ -36,7 +37,7 @@ class Coordinator:
         self.run_dir = run_dir
         self.log = log
         self.scheduler = build_scheduler(cfg.model)
-        self.unet = initial_unet(cfg)
+        self.unet = initial_unet(cfg, run_dir.root.parent)
         self.fixed_noise = torch.randn(
             (cfg.federation.num_samples, 1, cfg.data.image_size, cfg.data.image_size),
             generator=torch_generator(cfg.seed, "fixed-noise"),
@@ -48,6 +49,8 @@ class Coordinator:
             self.unet.load_state_dict(checkpoint["model"])
             self.start_round = int(checkpoint["round"])
             self.history = list(checkpoint["history"])
+        elif not run_dir.base.exists():  # where round 0 came from, before anything trains on it
+            write_json(run_dir.base, describe_base(cfg, run_dir.root.parent, self.unet))
         self.logger = FederationLogger(run_dir.tensorboard)
         self.current: dict = {}
         self.round_started = time.perf_counter()

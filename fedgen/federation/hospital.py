@@ -17,7 +17,7 @@ import torch
 from fedgen.config import ExperimentConfig
 from fedgen.data.silos import Silo, build_silos
 from fedgen.diffusion import Diffusion, unet_denoiser
-from fedgen.model import build_scheduler, build_unet
+from fedgen.model import build_scheduler, build_unet, freeze_all_but
 from fedgen.privacy.accounting import EpsilonLedger, check_delta, make_plan
 from fedgen.privacy.dp_sgd import train_locally
 from fedgen.seeding import derive_seed, resolve_device, torch_generator
@@ -98,6 +98,8 @@ class Hospital:
                 return last["state"], last["metrics"]
         ledger = self.open_ledger()
         unet = self._model(state)
+        if self.cfg.training.trainable != "all":
+            freeze_all_but(unet, self.cfg.training.trainable)  # the rest is sent back unchanged
         result = train_locally(
             unet,
             self.diffusion,

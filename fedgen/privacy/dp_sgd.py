@@ -44,6 +44,35 @@ def make_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.training.learning_rate)
 
 
+def noisy_step(
+    dp_optimizer: NoisingDPOptimizer,
+    unet: torch.nn.Module,
+    diffusion: Diffusion,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    max_physical_batch_size: int = 0,
+) -> torch.Tensor:
+    """One DP step on a logical batch: per-example gradients clipped and summed chunk by chunk
+    (at most `max_physical_batch_size` images at once; 0: all), then noise added once, scaled and
+    accounted: one release, however many chunks. An empty batch is one empty chunk: noise only.
+    Returns the per-example losses [B]."""
+    size = max_physical_batch_size or max(len(x0), 1)
+    starts = list(range(0, max(len(x0), 1), size))
+    losses = []
+    for i, start in enumerate(starts):
+        chunk = slice(start, start + size)
+        grads, chunk_losses = per_sample_gradients(unet, diffusion, x0[chunk], t[chunk], eps[chunk])
+        for name, p in unet.named_parameters():
+            if p.requires_grad:
+                p.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus
+        if i < len(starts) - 1:
+            dp_optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
+        dp_optimizer.pre_step()  # the last chunk: clip, accumulate, noise, scale, account
+        losses.append(chunk_losses.detach())
+    return torch.cat(losses)
+
+
 def train_locally(
     unet: torch.nn.Module,
     diffusion: Diffusion,
@@ -87,6 +116,11 @@ def train_locally(
         accountant = ledger.make_accountant()
         dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=plan.sample_rate))
 
+    # An EMA of the local iterates, started at the global weights: a function of the noisy steps
+    # only, so sending it instead of the last iterate is post-processing (free in privacy).
+    ema_decay = cfg.training.ema_decay
+    ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
+
     unet.train()
     denoiser = unet_denoiser(unet)
     k = cfg.training.noise_multiplicity
@@ -100,11 +134,7 @@ def train_locally(
             t, eps = t.to(device), eps.to(device)
             (dp_optimizer or base_optimizer).zero_grad(set_to_none=True)
             if dp_optimizer is not None:
-                grads, losses = per_sample_gradients(unet, diffusion, x0, t, eps)
-                for name, p in unet.named_parameters():
-                    if p.requires_grad:
-                        p.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus
-                dp_optimizer.pre_step()  # clip, sum, noise, scale, account
+                losses = noisy_step(dp_optimizer, unet, diffusion, x0, t, eps, cfg.training.max_physical_batch_size)
             elif len(index) > 0:
                 losses = diffusion.per_example_loss(denoiser, x0, t, eps)
                 losses.mean().backward()
@@ -116,12 +146,17 @@ def train_locally(
                 assert p.grad is not None
                 p.grad.add_(p.detach() - w, alpha=proximal_mu)
             base_optimizer.step()
+            for average, p in zip(ema, params):
+                average.lerp_(p.detach(), 1.0 - ema_decay)
             loss_sum += float(losses.detach().sum())
             loss_count += len(index)
             taken += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.4f}")
     bar.close()
+    with torch.no_grad():  # release the average of the iterates, not the last one
+        for average, p in zip(ema, params):
+            p.copy_(average)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     loss = loss_sum / max(loss_count, 1)
     if ledger is None or dp_optimizer is None:

@@ -156,9 +156,11 @@ def deploy_run(overrides: list[str], superlink: str, ca: Path | None, min_nodes:
     """Submit the federation (the same Hydra config as `fedgen simulate`) to a running SuperLink,
     stream its progress and check how it ended. Run it on the coordinator's machine: the ServerApp
     writes the run directory (checkpoints, metrics, release) there. Run it again to resume."""
-    from fedgen.config import load_config
+    from fedgen.config import absolute_init, load_config
     from fedgen.run_dir import RunDir
+    from fedgen.running.pretrain import ensure_base
 
+    overrides = absolute_init(overrides)
     cfg = load_config(overrides)
     if cfg.privacy.enabled and cfg.privacy.reproducible_noise and ca is not None:
         raise DeploymentError(
@@ -174,6 +176,7 @@ def deploy_run(overrides: list[str], superlink: str, ca: Path | None, min_nodes:
     echo(shown(command, env))
     if print_only:
         return run_dir.root
+    ensure_base(cfg, cfg.runs_dir, echo)  # the coordinator holds the base; hospitals get its weights
     if prepare_run_dir(run_dir, cfg, overrides, ["fedgen", "deploy", "run", *overrides]):
         echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
         return run_dir.root

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
-from fedgen.config import CONF_DIR, ConfigError, ExperimentConfig, load_config
+from fedgen.config import CONF_DIR, ConfigError, ExperimentConfig, absolute_init, load_config
 from fedgen.running.processes import ProcessGroup, free_port, wait_until_healthy
 
 if TYPE_CHECKING:  # run_dir imports torch: keep it out of `fedgen --help`
@@ -111,6 +111,21 @@ def plan_table(cfg: ExperimentConfig) -> list[dict]:
     return rows
 
 
+def start_line(cfg: ExperimentConfig) -> str:
+    """Where round 0 comes from and what the hospitals train; refuses a base that does not fit."""
+    from fedgen.base_model import base_path, initial_unet
+    from fedgen.model import freeze_all_but
+
+    unet = initial_unet(cfg, cfg.runs_dir)
+    total = sum(p.numel() for p in unet.parameters())
+    trained = freeze_all_but(unet, cfg.training.trainable)
+    path = base_path(cfg, cfg.runs_dir)
+    start = f"from {path}" if path else "from random weights (seed)"
+    what = "all" if trained == total else f"{trained:,} ({cfg.training.trainable})"
+    ema = f", EMA {cfg.training.ema_decay:g}" if cfg.training.ema_decay else ""
+    return f"  model: starts {start}; hospitals train {what} of its {total:,} parameters{ema}"
+
+
 def prepare_run_dir(run_dir: RunDir, cfg: ExperimentConfig, overrides: list[str], argv: list[str]) -> bool:
     """Create the run directory, or check that an existing one belongs to the same config.
     Returns True when the run is already complete."""
@@ -138,11 +153,16 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
     from fedgen.run_dir import RunDir
 
     signal.signal(signal.SIGTERM, _interrupt)  # a kill stops Flower's processes like Ctrl-C does
+    overrides = absolute_init(overrides)
     cfg = load_config(overrides)
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
     echo(f"fedgen: {cfg.federation.num_hospitals} hospitals, {cfg.federation.num_rounds} rounds, "
          f"privacy {'epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'off'}, "
          f"model {cfg.model.name}, data {cfg.data.source}")
+    from fedgen.running.pretrain import ensure_base
+
+    ensure_base(cfg, cfg.runs_dir, echo)  # trains fedgen's public base once, if the run starts from it
+    echo(start_line(cfg))
     rows = plan_table(cfg)
     for row in rows:
         sigma = f", sigma {row['sigma']:.3f}" if "sigma" in row else ""
