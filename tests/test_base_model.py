@@ -19,7 +19,7 @@ from fedgen.privacy.accounting import EpsilonLedger, make_plan
 from fedgen.privacy.dp_sgd import noisy_step, train_locally
 from fedgen.privacy.randomness import NoisingDPOptimizer, ReproducibleRandomness
 
-SMALL = ["data.image_size=16", "data.num_patients=60", "pretrain.num_patients=48", "pretrain.epochs=2"]
+SMALL = ["model.init=null", "data.image_size=16", "data.num_patients=60", "pretrain.num_patients=48", "pretrain.epochs=2"]
 
 
 def _save_base(cfg, folder, seed=7):

@@ -41,6 +41,8 @@ def overrides(runs_dir: Path, name: str, rounds: int) -> list[str]:
         "data.image_size=16",
         "data.validation_fraction=0",  # no evaluate messages: each one starts a ClientApp process
         "training.batch_size=16",
+        "pretrain.num_patients=64",  # the coordinator pretrains a small public base first
+        "pretrain.epochs=1",
     ]
 
 

@@ -46,7 +46,7 @@ def test_simulation_joins_an_existing_ray_cluster(tmp_path):
         assert not list(logs.glob("python-core-driver-*"))  # no driver has joined yet
         overrides = [f"runs_dir={tmp_path}", "name=ray", "federation.num_hospitals=2", "federation.num_rounds=1",
                      "federation.local_epochs=1", "federation.num_samples=4", "federation.sampling_steps=5", "data.num_patients=48",
-                     "data.image_size=16", "training.batch_size=16"]
+                     "data.image_size=16", "training.batch_size=16", "model.init=null"]
         done = subprocess.run([str(BIN / "fedgen"), "simulate", *overrides], capture_output=True, text=True,
                               timeout=600, env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"})
         assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "ray.log").read_text()

@@ -32,6 +32,8 @@ def tiny_overrides(runs_dir: Path, name: str) -> list[str]:
         "data.num_patients=48",
         "data.image_size=16",
         "training.batch_size=16",
+        "pretrain.num_patients=64",  # the default path: a (small) public base, pretrained first
+        "pretrain.epochs=1",
     ]
 
 

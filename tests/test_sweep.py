@@ -400,6 +400,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
         "data.num_patients=48",
         "data.image_size=16",
         "training.batch_size=16",
+        "pretrain.num_patients=64",  # the runs fine-tune one small public base, pretrained once
+        "pretrain.epochs=1",
     ]
     started = time.perf_counter()
     done = subprocess.run(

@@ -15,7 +15,7 @@ from fedgen.federation.update_checks import TRAIN_METRIC_KEYS, metrics_problem, 
 from fedgen.run_dir import RunDir
 from server.app import make_strategy
 
-TINY = ["data.image_size=16", "data.num_patients=48", "federation.num_hospitals=3", "federation.local_epochs=1",
+TINY = ["model.init=null", "data.image_size=16", "data.num_patients=48", "federation.num_hospitals=3", "federation.local_epochs=1",
         "federation.num_samples=1", "federation.sampling_steps=2", "federation.max_update_norm=50"]
 
 

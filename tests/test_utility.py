@@ -23,6 +23,7 @@ from fedgen.run_dir import RunDir, write_json
 
 FINAL_ROUND = 3
 TINY = [
+    "model.init=null",
     "data.num_patients=120",
     "data.images_per_patient=1",
     "data.image_size=16",

@@ -113,6 +113,8 @@ def run_row(run_dir: str | Path) -> dict:
         "frechet_distance_real": number(utility.get("frechet_distance_real")),
         "val_loss_untrained": number(utility.get("val_loss_untrained")),
         "frechet_distance_untrained": number(utility.get("frechet_distance_untrained")),
+        "precision_untrained": number(utility.get("precision_untrained")),
+        "start_model": utility.get("start_model", "base" if cfg.model.init else "untrained"),
         "precision": number(utility.get("precision")),
         "precision_real": number(utility.get("precision_real")),
         "recall": number(utility.get("recall")),

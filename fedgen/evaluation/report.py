@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fedgen.evaluation.baseline import learned_beyond_start, start_label, starting_point
 from fedgen.evaluation.comparison import number, run_row
 from fedgen.evaluation.markdown import fmt, markdown_table
 from fedgen.run_dir import RunDir, read_json
@@ -52,6 +53,7 @@ def write_run_report(run_dir: str | Path, row: dict | None = None) -> Path:
         f"# Privacy report: {row['setting']}",
         _summary(row, attack),
         _trained(run, row, metrics),
+        starting_point(read_json(run.base)),
         _guarantee(row, metrics),
         _utility(row, utility),
         _attacks(row, attack, run.root),
@@ -99,6 +101,11 @@ def _summary(row: dict, attack: dict) -> str:
             f"(0.5 = guessing); {fmt(row['extraction_flagged'])} of {fmt(row['extraction_samples'])} "
             "generated images were flagged as copies of training images."
         )
+        if learned_beyond_start(row) is False:
+            found += (
+                f" The model is no better than {start_label(row)}, so this AUC is **uninformative**: "
+                "an attack at chance on a model that learned nothing proves nothing."
+            )
         if row.get("alarms"):
             found += (
                 " **ALARM: an empirical lower bound exceeds the accountant's epsilon (see below).**"
@@ -225,19 +232,20 @@ def _utility(row: dict, utility: dict) -> str:
         [
             [
                 "validation denoising loss",
-                f"{fmt(row['val_loss'])} (untrained model: {fmt(row.get('val_loss_untrained'))})",
+                f"{fmt(row['val_loss'])} ({start_label(row)}: {fmt(row.get('val_loss_untrained'))})",
                 "lower",
             ],
             [
                 "Frechet distance to held-out real images",
                 f"{fmt(row['frechet_distance'])} "
                 f"(real training images: {fmt(row['frechet_distance_real'])}; "
-                f"untrained model: {fmt(row.get('frechet_distance_untrained'))})",
-                "lower; real images score the floor, the untrained model where nothing was learned",
+                f"{start_label(row)}: {fmt(row.get('frechet_distance_untrained'))})",
+                "lower; real images score the floor, the starting model where nothing was learned",
             ],
             [
                 "precision (samples that look real)",
-                f"{fmt(row['precision'])} (real training images: {fmt(row.get('precision_real'))})",
+                f"{fmt(row['precision'])} (real training images: {fmt(row.get('precision_real'))}; "
+                f"{start_label(row)}: {fmt(row.get('precision_untrained'))})",
                 "higher",
             ],
             [
@@ -248,13 +256,20 @@ def _utility(row: dict, utility: dict) -> str:
             ["finding classifier AUC on real images, trained on samples", downstream, "higher"],
         ],
     )
+    verdict = (
+        f"**The samples are no better than {start_label(row)}'s** (Frechet distance "
+        f"{fmt(row['frechet_distance'])} against {fmt(row.get('frechet_distance_untrained'))}): the "
+        "federation did not measurably learn the hospitals' images, so attacks that find nothing "
+        "in this model are uninformative, not evidence that it is safe.\n\n"
+        if learned_beyond_start(row) is False else ""
+    )
     return (
-        f"{head}\n\n{table}\n\nWhat each number means and its caveats: {UTILITY_DOC}. "
+        f"{head}\n\n{verdict}{table}\n\nWhat each number means and its caveats: {UTILITY_DOC}. "
         "The features come from an encoder trained on the real training images, the same for every "
         "run of a sweep; the comparison images are held-out patients no run trained on. In brackets: "
-        "what real images score, the best a generator can do, and what the untrained model the "
-        "federation started from scores: a run near that value learned little, and attacks that find "
-        "nothing in it prove little."
+        "what real images score, the best a generator can do, and what the model the federation "
+        "started from scores (its public base, or the untrained weights): a run near that value "
+        "learned little, and attacks that find nothing in it prove little."
     )
 
 

@@ -192,6 +192,7 @@ def evaluate_utility(
     )
     fake_pr = precision_recall(f_held, f_gen, NEAREST_NEIGHBOURS)
     real_pr = precision_recall(f_held, f_real, NEAREST_NEIGHBOURS)
+    start_pr = precision_recall(f_held, f_untrained, NEAREST_NEIGHBOURS)
 
     downstream = None
     if has_binary_labels(training.labels) and has_binary_labels(heldout.labels):
@@ -221,6 +222,10 @@ def evaluate_utility(
         "recall_real": real_pr.recall,
         "val_loss_untrained": _untrained_validation_loss(run, cfg, silos, untrained),
         "frechet_distance_untrained": frechet_distance(f_held, f_untrained),
+        # What the run started from: "base" (model.init) or "untrained" (random weights).
+        "start_model": "base" if cfg.model.init else "untrained",
+        "precision_untrained": start_pr.precision,
+        "recall_untrained": start_pr.recall,
         "k": NEAREST_NEIGHBOURS,
         "downstream": downstream,
         "encoder_kind": encoder.kind,

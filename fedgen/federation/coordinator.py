@@ -74,6 +74,8 @@ class Coordinator:
             "failures": [],
             "rejected": [],
         }
+        # Progress inside a round: the hospitals train in other processes; the round line follows.
+        self.log(f"round {server_round}/{self.cfg.federation.num_rounds}: {sampled} hospital(s) training...")
 
     def check_update(self, update: StateDict) -> str | None:
         return update_problem(self.global_state(), update, self.cfg.federation.max_update_norm)

@@ -79,7 +79,7 @@ def pretrain(cfg: ExperimentConfig, runs_dir: str | Path, echo=print, progress: 
         draws = torch_generator(p.seed, "pretrain-draws", epoch)
         total, count = 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"pretrain epoch {epoch + 1}/{p.epochs}",
-                   disable=not progress, leave=False)
+                   disable=None if progress else True, leave=False)  # None: a bar on a terminal only
         for step in bar:
             x0 = images[order[step * p.batch_size : (step + 1) * p.batch_size]]
             t, eps = diffusion.draw(x0, 1, generator=draws)

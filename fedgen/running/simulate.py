@@ -161,9 +161,9 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
          f"model {cfg.model.name}, data {cfg.data.source}")
     from fedgen.running.pretrain import ensure_base
 
+    rows = plan_table(cfg)  # impossible privacy or data settings fail here, before any training
     ensure_base(cfg, cfg.runs_dir, echo)  # trains fedgen's public base once, if the run starts from it
     echo(start_line(cfg))
-    rows = plan_table(cfg)
     for row in rows:
         sigma = f", sigma {row['sigma']:.3f}" if "sigma" in row else ""
         echo(f"  hospital {row['hospital']}: {row['train']} training images "

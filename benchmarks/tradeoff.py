@@ -1,0 +1,130 @@
+"""Trade-off benchmark: DP that keeps the images. One `fedgen sweep` on `experiment=tradeoff` (two
+hospitals fine-tune fedgen's public base on small silos for a long time): no DP, epsilon 8 and
+epsilon 1, each trained, attacked and measured; the public base itself is the reference row.
+
+What it checks (the goals of issue 13), in one run:
+- no DP memorises: best attack AUC >= 0.9 on the hospitals' members vs held-out patients;
+- epsilon 8 leaks nothing an attack finds (best AUC <= 0.6) **and** keeps utility: Frechet distance
+  to the hospitals' held-out images at most 1.5x the no-DP model's and below the base's, precision
+  at least half the no-DP model's.
+
+The DP runs use the DP recipe (`DP_RECIPE`: which parameters, batch, learning rate, EMA), the no-DP
+run the standard one: each regime with the recipe that suits it, chosen on a tuning federation
+(data.seed=99), never on these hospitals' held-out images.
+
+Usage: python benchmarks/tradeoff.py [--out benchmarks/results/tradeoff.json] [--runs-dir DIR]
+Writes the JSON (command, commit, load average, rows, goals) and `tradeoff.png` beside it: the
+base's and every run's samples side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FEDGEN = str(Path(sys.executable).parent / "fedgen")
+DP_RECIPE = ["training.batch_size=64", "training.learning_rate=5e-4"]  # full batch, all parameters, a lower rate
+SETTINGS = {"eps8": ["privacy=eps8", *DP_RECIPE], "eps1": ["privacy=eps1", *DP_RECIPE]}
+COLUMNS = ("setting", "epsilon", "noise_multiplier", "val_loss", "frechet_distance", "precision", "recall",
+           "best_attack", "attack_auc", "tpr_at_1pct_fpr", "epsilon_lb", "extraction_flagged", "extraction_samples")
+
+
+def sweep_command(runs_dir: Path, extra: list[str]) -> list[str]:
+    settings = [f"+sweep.settings.{name}=[{','.join(repr(o) for o in overrides)}]"
+                for name, overrides in SETTINGS.items()]
+    return [FEDGEN, "sweep", "experiment=tradeoff", "sweep.name=tradeoff", "sweep.privacy=[none]",
+            *settings, f"runs_dir={runs_dir}", *extra]
+
+
+def base_row(none_utility: dict) -> dict:
+    """The public base, measured by the no-DP run's utility evaluation (the model it started from)."""
+    return {"setting": "base", "epsilon": None, "val_loss": none_utility.get("val_loss_untrained"),
+            "frechet_distance": none_utility.get("frechet_distance_untrained"),
+            "precision": none_utility.get("precision_untrained"), "recall": none_utility.get("recall_untrained"),
+            "best_attack": None, "attack_auc": None, "note": "never saw a hospital's image"}
+
+
+def goals(rows: dict) -> dict:
+    none, eps8, base = rows.get("none", {}), rows.get("eps8", {}), rows["base"]
+
+    def ok(value) -> bool | None:
+        return None if value is None else bool(value)
+
+    get = lambda r, k: r.get(k) if isinstance(r.get(k), int | float) else None  # noqa: E731
+    fd8, fd0, fdb = get(eps8, "frechet_distance"), get(none, "frechet_distance"), get(base, "frechet_distance")
+    p8, p0 = get(eps8, "precision"), get(none, "precision")
+    return {
+        "no_dp_best_auc_at_least_0.9": ok(get(none, "attack_auc") is not None and none["attack_auc"] >= 0.9),
+        "eps8_best_auc_at_most_0.6": ok(get(eps8, "attack_auc") is not None and eps8["attack_auc"] <= 0.6),
+        "eps8_fd_at_most_1.5x_no_dp": ok(None not in (fd8, fd0) and fd8 <= 1.5 * fd0),
+        "eps8_fd_below_base": ok(None not in (fd8, fdb) and fd8 < fdb),
+        "eps8_precision_at_least_half_no_dp": ok(None not in (p8, p0) and p8 >= 0.5 * p0),
+    }
+
+
+def side_by_side(images: dict[str, Path], out: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    tiles = {name: Image.open(path).convert("RGB") for name, path in images.items() if path.exists()}
+    if not tiles:
+        return
+    height = max(t.height for t in tiles.values())
+    width = sum(t.width for t in tiles.values()) + 12 * (len(tiles) - 1)
+    canvas = Image.new("RGB", (width, height + 18), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for name, tile in tiles.items():
+        canvas.paste(tile, (x, 18))
+        draw.text((x + 2, 3), name, fill="black")
+        x += tile.width + 12
+    canvas.save(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/tradeoff.json")
+    parser.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
+    args = parser.parse_args()
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fedgen-tradeoff-")).resolve()
+    command = sweep_command(runs_dir, args.overrides)
+    print(" ".join(command), flush=True)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    done = subprocess.run(command)
+    wall = time.perf_counter() - started
+    sweep_dir = runs_dir / "tradeoff"
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    rows = {r["setting"]: {k: r.get(k) for k in COLUMNS} | {"seconds": r.get("seconds"), "status": r.get("status")}
+            for r in sweep["rows"]}
+    none_utility = json.loads((sweep_dir / "none" / "utility.json").read_text()) if (sweep_dir / "none" / "utility.json").exists() else {}
+    rows = {"base": base_row(none_utility), **rows}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base_samples = next(iter(sorted((runs_dir / "tradeoff" / "pretrained").glob("*/samples.png"))), Path("-"))
+    picture = out.with_suffix(".png")
+    side_by_side({"public base": base_samples, **{s: sweep_dir / s / "samples.png" for s in rows if s != "base"}}, picture)
+    result = {
+        "command": command, "commit": commit, "exit_code": done.returncode, "wall_seconds": wall,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "dp_recipe": DP_RECIPE, "sweep_dir": str(sweep_dir), "rows": rows, "goals": goals(rows),
+        "samples_picture": str(picture),
+    }
+    out.write_text(json.dumps(result, indent=1))
+    for name, r in rows.items():
+        print(name.ljust(5), "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in r.items() if k not in ("setting",)))
+    print("goals:", json.dumps(result["goals"]))
+    print(f"wall time {wall / 60:.1f} min; report {sweep_dir / 'report.md'}; wrote {out} and {picture}")
+
+
+if __name__ == "__main__":
+    main()
