@@ -96,6 +96,13 @@ def test_simulation_trains_accounts_and_releases(tmp_path):
                  "checkpoints/round-0001.pt", "checkpoints/round-0002.pt"):
         assert (run / item).exists(), item
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    # It started from the public base it pretrained first, and says so.
+    assert "pretraining the base model" in done.stdout
+    base = json.loads((run / "base.json").read_text())
+    pretrained = json.loads((Path(base["path"]).parent / "pretrain.json").read_text())
+    assert base["init"] == "pretrained" and base["weights_sha256"] == pretrained["weights_sha256"]
+    card = (run / "pipeline" / "README.md").read_text()
+    assert base["weights_sha256"] in card and "secret noise" in card
     for h in (0, 1):
         records = json.loads((run / "hospitals" / f"hospital-{h}" / "records.json").read_text())
         assert records["roles"]["member"] and records["roles"]["heldout"]

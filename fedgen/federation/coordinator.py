@@ -20,7 +20,7 @@ from fedgen.config import ExperimentConfig
 from fedgen.diffusion import sample_images
 from fedgen.federation.update_checks import StateDict, update_problem
 from fedgen.model import build_scheduler
-from fedgen.run_dir import RunDir, write_json
+from fedgen.run_dir import RunDir, read_json, write_json
 from fedgen.seeding import torch_generator
 from fedgen.tracking import FederationLogger
 
@@ -177,7 +177,34 @@ class Coordinator:
 
         DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(str(self.run_dir.pipeline))
         summary = self.summary()
+        (self.run_dir.pipeline / "README.md").write_text(model_card(self.cfg, summary, read_json(self.run_dir.base)))
         self.logger.log_hparams(self.cfg, summary)
         self.logger.close()
         self.write_metrics(status="completed")
         return self.run_dir.pipeline
+
+
+def model_card(cfg: ExperimentConfig, summary: dict, base: dict) -> str:
+    """The released pipeline's README: what it is, what it started from, what protects whom."""
+    if not cfg.privacy.enabled:
+        privacy = "None: trained without differential privacy. It may reveal its training images."
+    elif summary.get("reproducible_noise", True):
+        privacy = ("None: `privacy.reproducible_noise` derived the DP noise from the config (a test "
+                   "switch); the accountant's epsilon is no guarantee.")
+    else:
+        privacy = (f"Example-level (epsilon, delta)-DP for each hospital's training images: epsilon "
+                   f"{summary.get('epsilon_max', float('nan')):.3g} at most, delta {cfg.privacy.delta:g} "
+                   f"({cfg.privacy.accountant.upper()} accountant, DP-SGD with secret noise and sampling).")
+    start = base.get("path") or "random weights from the config's seed"
+    sha = base.get("weights_sha256", "not recorded")
+    return (
+        f"# fedgen federated diffusion model: {cfg.name}\n\n"
+        f"A diffusers `DDPMPipeline` ({cfg.data.image_size}x{cfg.data.image_size}, one channel, model "
+        f"`{cfg.model.name}`) trained by {cfg.federation.num_hospitals} hospitals with fedgen (Flower, "
+        f"{cfg.federation.strategy}, {summary.get('rounds_completed')} rounds), without pooling their images.\n\n"
+        f"- Started from: {start} (weights sha256 `{sha}`). A base trained on public images is not "
+        "covered by the guarantee below and may reveal those images.\n"
+        f"- Privacy: {privacy}\n"
+        "- Load it: `DDPMPipeline.from_pretrained(<this folder>)`.\n"
+    )
+
