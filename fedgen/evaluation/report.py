@@ -257,7 +257,7 @@ def _utility(row: dict, utility: dict) -> str:
         ],
     )
     verdict = (
-        f"**The samples are no better than {start_label(row)}'s** (Frechet distance "
+        f"**The samples are no better than those of {start_label(row)}** (Frechet distance "
         f"{fmt(row['frechet_distance'])} against {fmt(row.get('frechet_distance_untrained'))}): the "
         "federation did not measurably learn the hospitals' images, so attacks that find nothing "
         "in this model are uninformative, not evidence that it is safe.\n\n"
