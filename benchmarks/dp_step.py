@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -244,7 +245,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     bench = Bench(cfg, args.batch, device)
     summary = summarize(time_steps(bench, args.repeats, args.warmup))
     memory = {} if args.skip_memory else {m: measure_memory(args.model, args.batch, m) for m in MODES}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit,
+        "load_average": os.getloadavg(),
         "model": args.model,
         "batch": args.batch,
         "image_size": cfg.data.image_size,
