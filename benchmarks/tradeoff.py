@@ -13,6 +13,7 @@ run the standard one: each regime with the recipe that suits it, chosen on a tun
 (data.seed=99), never on these hospitals' held-out images.
 
 Usage: python benchmarks/tradeoff.py [--out benchmarks/results/tradeoff.json] [--runs-dir DIR]
+       python benchmarks/tradeoff.py --ablations   # EMA and norms/biases at epsilon 8 (own JSON)
 Writes the JSON (command, commit, load average, rows, goals) and `tradeoff.png` beside it: the
 base's and every run's samples side by side.
 """
@@ -33,14 +34,21 @@ FEDGEN = str(Path(sys.executable).parent / "fedgen")
 # Full batch (q = 1), all parameters, a lower rate, 300 epochs: noise grows with the steps.
 DP_RECIPE = ["training.batch_size=64", "training.learning_rate=5e-4", "federation.local_epochs=50"]
 SETTINGS = {"eps8": ["privacy=eps8", *DP_RECIPE], "eps1": ["privacy=eps1", *DP_RECIPE]}
+# `--ablations`: the other DP-friendly options at epsilon 8, each added to the DP recipe alone.
+ABLATIONS = {
+    "eps8_ema": ["privacy=eps8", *DP_RECIPE, "training.ema_decay=0.9"],
+    "eps8_norms": ["privacy=eps8", *DP_RECIPE, "training.trainable=norms_biases", "training.learning_rate=5e-3"],
+}
 COLUMNS = ("setting", "epsilon", "noise_multiplier", "val_loss", "frechet_distance", "precision", "recall",
            "best_attack", "attack_auc", "tpr_at_1pct_fpr", "epsilon_lb", "extraction_flagged", "extraction_samples")
 
 
-def sweep_command(runs_dir: Path, extra: list[str]) -> list[str]:
+def sweep_command(runs_dir: Path, extra: list[str], ablations: bool = False) -> list[str]:
+    chosen = ABLATIONS if ablations else SETTINGS
     settings = [f"+sweep.settings.{name}=[{','.join(repr(o) for o in overrides)}]"
-                for name, overrides in SETTINGS.items()]
-    return [FEDGEN, "sweep", "experiment=tradeoff", "sweep.name=tradeoff", "sweep.privacy=[none]",
+                for name, overrides in chosen.items()]
+    privacy = "[]" if ablations else "[none]"
+    return [FEDGEN, "sweep", "experiment=tradeoff", "sweep.name=tradeoff", f"sweep.privacy={privacy}",
             *settings, f"runs_dir={runs_dir}", *extra]
 
 
@@ -91,10 +99,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/tradeoff.json")
     parser.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="only the epsilon-8 variants with EMA and with norms and biases only")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
+    if args.ablations and args.out == parser.get_default("out"):
+        args.out = "benchmarks/results/tradeoff_ablations.json"
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fedgen-tradeoff-")).resolve()
-    command = sweep_command(runs_dir, args.overrides)
+    command = sweep_command(runs_dir, args.overrides, args.ablations)
     print(" ".join(command), flush=True)
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -105,7 +117,10 @@ def main() -> None:
     rows = {r["setting"]: {k: r.get(k) for k in COLUMNS} | {"seconds": r.get("seconds"), "status": r.get("status")}
             for r in sweep["rows"]}
     none_utility = json.loads((sweep_dir / "none" / "utility.json").read_text()) if (sweep_dir / "none" / "utility.json").exists() else {}
-    rows = {"base": base_row(none_utility), **rows}
+    first = next(iter(rows), None)
+    start_utility = none_utility or (json.loads((sweep_dir / first / "utility.json").read_text())
+                                     if first and (sweep_dir / first / "utility.json").exists() else {})
+    rows = {"base": base_row(start_utility), **rows}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
