@@ -131,14 +131,16 @@ def main() -> None:
         "command": command, "commit": commit, "exit_code": done.returncode, "wall_seconds": wall,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "dp_recipe": DP_RECIPE, "sweep_dir": str(sweep_dir), "rows": rows, "goals": goals(rows),
+        "dp_recipe": DP_RECIPE, "sweep_dir": str(sweep_dir), "rows": rows,
+        "goals": None if args.ablations else goals(rows),  # the goals need the no-DP and eps8 rows
         "samples_picture": str(picture),
     }
     out.write_text(json.dumps(result, indent=1))
     for name, r in rows.items():
         print(name.ljust(5), "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in r.items() if k not in ("setting",)))
-    print("goals:", json.dumps(result["goals"]))
+    if result["goals"] is not None:
+        print("goals:", json.dumps(result["goals"]))
     print(f"wall time {wall / 60:.1f} min; report {sweep_dir / 'report.md'}; wrote {out} and {picture}")
 
 
