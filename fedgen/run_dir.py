@@ -45,6 +45,14 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def save_torch(path: Path, data: dict) -> None:
+    """Atomic torch.save: a crash mid-write never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> dict:
     """A JSON file written by `write_json`, or {} when it does not exist (yet)."""
     return json.loads(path.read_text()) if path.exists() else {}
@@ -74,11 +82,7 @@ class RunDir:
         return self.checkpoints / f"round-{server_round:04d}.pt"
 
     def save_checkpoint(self, server_round: int, state: dict, history: list[dict]) -> None:
-        path = self.checkpoint_path(server_round)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"round": server_round, "model": state, "history": history}, tmp)
-        os.replace(tmp, path)
+        save_torch(self.checkpoint_path(server_round), {"round": server_round, "model": state, "history": history})
 
     def latest_checkpoint(self) -> dict | None:
         """The last complete checkpoint ({'round', 'model', 'history'}), or None before round 1."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fedgen.base_model import weights_hash
 from fedgen.config import ExperimentConfig
 from fedgen.data.silos import Silo, build_silos
 from fedgen.diffusion import Diffusion, unet_denoiser
@@ -41,13 +42,7 @@ def silos_for(cfg: ExperimentConfig) -> list[Silo]:
 
 def state_fingerprint(state: StateDict) -> str:
     """A cheap, exact identity of a model state (to recognise a repeated request)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(state):
-        h.update(name.encode())
-        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_hash(state)[:16]
 
 
 class Hospital:

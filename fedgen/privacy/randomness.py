@@ -48,7 +48,6 @@ class SecretRandomness:
     """Uniforms and Gaussians from a CSPRNG keyed by the OS's entropy (see the module docstring)."""
 
     reproducible = False
-    name = "secret (ChaCha20 keyed from os.urandom)"
 
     def __init__(self) -> None:
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -77,7 +76,6 @@ class ReproducibleRandomness:
     """Streams derived from public seed parts: NO privacy guarantee (tests, debugging)."""
 
     reproducible = True
-    name = NO_GUARANTEE
 
     def __init__(self, *seed_parts: int | str):
         self.sampling = torch_generator(*seed_parts, "poisson")

@@ -34,7 +34,7 @@ from fedgen.data.images import save_grid
 from fedgen.data.public import public_archive
 from fedgen.diffusion import Diffusion, sample_images, unet_denoiser
 from fedgen.model import build_scheduler, build_unet
-from fedgen.run_dir import write_json
+from fedgen.run_dir import save_torch, write_json
 from fedgen.seeding import resolve_device, torch_generator
 
 
@@ -90,7 +90,7 @@ def pretrain(cfg: ExperimentConfig, runs_dir: str | Path, echo=print, progress: 
             total, count = total + float(losses.detach().sum()), count + len(x0)
             bar.set_postfix(loss=f"{total / count:.4f}")
         loss = total / max(count, 1)
-        _save_atomic(checkpoint, {"epoch": epoch + 1, "model": unet.state_dict(), "optimizer": optimizer.state_dict()})
+        save_torch(checkpoint, {"epoch": epoch + 1, "model": unet.state_dict(), "optimizer": optimizer.state_dict()})
         echo(f"  pretrain epoch {epoch + 1}/{p.epochs} | loss {loss:.4f} | {time.perf_counter() - started:.0f} s")
     unet.eval()
     _save_pipeline(unet.cpu(), scheduler, pipeline)
@@ -112,13 +112,6 @@ def pretrain(cfg: ExperimentConfig, runs_dir: str | Path, echo=print, progress: 
     checkpoint.unlink(missing_ok=True)
     echo(f"base model: {pipeline} (samples: {home / 'samples.png'})")
     return pipeline
-
-
-def _save_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
 
 
 def _save_pipeline(unet, scheduler, pipeline: Path) -> None:
