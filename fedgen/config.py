@@ -77,8 +77,12 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Which parameters the hospitals train (the rest stay as the global model has them, and DP
     # computes and noises no gradient for them): "all", or named groups joined by "+":
-    # norms_biases, attention, up_blocks, down_blocks, mid_block (fedgen.model.TRAINABLE_GROUPS).
+    # norms_biases, attention, up_blocks, down_blocks, mid_block (fedgen.trainable.TRAINABLE_GROUPS),
+    # and lora: low-rank adapters (peft) on the layers `lora_targets` names, merged before sending.
     trainable: str = "all"
+    lora_rank: int = 8
+    lora_alpha: float = 8.0  # the adapter's update is scaled by lora_alpha / lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"])
     # > 0: each hospital sends the exponential moving average of its local iterates (decay per
     # step) instead of the last one: post-processing of the noisy steps, free in privacy.
     ema_decay: float = 0.0

@@ -1,26 +1,14 @@
-"""The denoising network: a diffusers UNet2DModel built from `ModelConfig`, its DDPM schedule, the
-parameter groups a hospital may train, and loading a released model. (Where round 0's weights
-come from is `fedgen.base_model`.)"""
+"""The denoising network: a diffusers UNet2DModel built from `ModelConfig`, its DDPM schedule, and
+loading a released model. (Where round 0's weights come from is `fedgen.base_model`; what a
+hospital trains of it, `fedgen.trainable`.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from fedgen.config import ConfigError, ModelConfig
-
-# Parameter groups for DP fine-tuning (`training.trainable`): fewer trained coordinates mean less
-# DP noise in total (its norm grows with the square root of their number) for the same signal.
-TRAINABLE_GROUPS = {
-    "all": lambda name: True,
-    "norms_biases": lambda name: "norm" in name or name.endswith(".bias"),
-    "attention": lambda name: "attentions." in name,
-    "up_blocks": lambda name: name.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")),
-    "down_blocks": lambda name: name.startswith(("conv_in.", "down_blocks.")),
-    "mid_block": lambda name: name.startswith("mid_block."),
-}
+from fedgen.config import ModelConfig
 
 
 def build_unet(cfg: ModelConfig, image_size: int) -> UNet2DModel:
@@ -47,26 +35,6 @@ def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
         prediction_type="epsilon",
         clip_sample=True,
     )
-
-
-def trainable_names(unet: torch.nn.Module, spec: str) -> set[str]:
-    """Names of the parameters `spec` ("all", or groups joined by "+") selects."""
-    groups = [g.strip() for g in spec.split("+")]
-    unknown = [g for g in groups if g not in TRAINABLE_GROUPS]
-    if unknown:
-        raise ConfigError(f"training.trainable: unknown group(s) {unknown}; known: {', '.join(TRAINABLE_GROUPS)}")
-    names = {n for n, _ in unet.named_parameters() if any(TRAINABLE_GROUPS[g](n) for g in groups)}
-    if not names:
-        raise ConfigError(f"training.trainable: '{spec}' selects no parameter of this model")
-    return names
-
-
-def freeze_all_but(unet: torch.nn.Module, spec: str) -> int:
-    """Train only the parameters `spec` selects; returns how many coordinates that is."""
-    names = trainable_names(unet, spec)
-    for name, p in unet.named_parameters():
-        p.requires_grad_(name in names)
-    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
 def count_parameters(model: UNet2DModel) -> int:

@@ -20,7 +20,7 @@ MAX_LINES = 400
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("seeding, config", ("fedgen.seeding", "fedgen.config")),
     ("model, diffusion, run_dir, data",
-     ("fedgen.model", "fedgen.base_model", "fedgen.diffusion", "fedgen.run_dir", "fedgen.data")),
+     ("fedgen.model", "fedgen.base_model", "fedgen.trainable", "fedgen.diffusion", "fedgen.run_dir", "fedgen.data")),
     ("privacy", ("fedgen.privacy",)),
     ("tracking", ("fedgen.tracking",)),
     ("federation", ("fedgen.federation",)),

@@ -118,6 +118,8 @@ def test_simulation_trains_accounts_and_releases(tmp_path):
     # Epsilon grows across rounds and equals one accountant that ran both rounds' steps.
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and len(metrics["history"]) == 2
+    troubles = [(r["round"], r["failures"], r["rejected"]) for r in metrics["history"] if r["failures"] or r["rejected"]]
+    assert not troubles and done.stdout.count("2/2 hospitals ok") == 2, f"{troubles}\n{done.stdout}"
     for h in (0, 1):
         ledger = assert_ledger_equals_one_accountant(run, h, rounds=2)
         reported = [r["train"][str(h)]["epsilon"] for r in metrics["history"]]

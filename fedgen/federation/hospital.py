@@ -18,10 +18,11 @@ from fedgen.base_model import weights_hash
 from fedgen.config import ExperimentConfig
 from fedgen.data.silos import Silo, build_silos
 from fedgen.diffusion import Diffusion, unet_denoiser
-from fedgen.model import build_scheduler, build_unet, freeze_all_but
+from fedgen.model import build_scheduler, build_unet
 from fedgen.privacy.accounting import EpsilonLedger, check_delta, make_plan
 from fedgen.privacy.dp_sgd import train_locally
 from fedgen.seeding import derive_seed, resolve_device, torch_generator
+from fedgen.trainable import merge_lora, prepare_training
 
 StateDict = dict[str, torch.Tensor]
 
@@ -93,8 +94,8 @@ class Hospital:
                 return last["state"], last["metrics"]
         ledger = self.open_ledger()
         unet = self._model(state)
-        if self.cfg.training.trainable != "all":
-            freeze_all_but(unet, self.cfg.training.trainable)  # the rest is sent back unchanged
+        seed_parts = (self.cfg.seed, self.silo.hospital, server_round)
+        prepare_training(unet, self.cfg.training, seed_parts)  # the rest is sent back unchanged
         result = train_locally(
             unet,
             self.diffusion,
@@ -102,10 +103,11 @@ class Hospital:
             self.cfg,
             self.plan,
             ledger,
-            seed_parts=(self.cfg.seed, self.silo.hospital, server_round),
+            seed_parts=seed_parts,
             server_round=server_round,
             proximal_mu=proximal_mu,
         )
+        merge_lora(unet)  # the server averages, and releases, plain UNet weights
         new_state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
         metrics = {
             "hospital": self.silo.hospital,

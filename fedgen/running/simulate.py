@@ -114,16 +114,21 @@ def plan_table(cfg: ExperimentConfig) -> list[dict]:
 def start_line(cfg: ExperimentConfig) -> str:
     """Where round 0 comes from and what the hospitals train; refuses a base that does not fit."""
     from fedgen.base_model import base_path, initial_unet
-    from fedgen.model import freeze_all_but
+    from fedgen.trainable import prepare_training, uses_lora
 
     unet = initial_unet(cfg, cfg.runs_dir)
-    total = sum(p.numel() for p in unet.parameters())
-    trained = freeze_all_but(unet, cfg.training.trainable)
+    total = sum(p.numel() for p in unet.parameters())  # before any adapter is added
+    trained = prepare_training(unet, cfg.training)
     path = base_path(cfg, cfg.runs_dir)
     start = f"from {path}" if path else "from random weights (seed)"
     what = "all" if trained == total else f"{trained:,} ({cfg.training.trainable})"
     ema = f", EMA {cfg.training.ema_decay:g}" if cfg.training.ema_decay else ""
-    return f"  model: starts {start}; hospitals train {what} of its {total:,} parameters{ema}"
+    line = f"  model: starts {start}; hospitals train {what} of its {total:,} parameters{ema}"
+    if uses_lora(cfg.training):
+        t = cfg.training
+        line += (f"\n  LoRA: rank {t.lora_rank}, alpha {t.lora_alpha:g} on {', '.join(t.lora_targets)}; "
+                 "merged into the weights before each update is sent")
+    return line
 
 
 def prepare_run_dir(run_dir: RunDir, cfg: ExperimentConfig, overrides: list[str], argv: list[str]) -> bool:
