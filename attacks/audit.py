@@ -22,6 +22,8 @@ from attacks.extraction import ExtractionConfig, find_copies, generate, pairs_gr
 from attacks.membership import ATTACKS, build_attack
 from attacks.metrics import AttackResult, evaluate_scores
 from attacks.targets import candidates_from_run, load_run_config
+from fedgen.config import ConfigError
+from fedgen.data.dataset import DataError
 from fedgen.data.silos import build_silos
 from fedgen.diffusion import sample_images
 from fedgen.model import load_released
@@ -52,8 +54,22 @@ def accountant_epsilons(run: RunDir) -> dict[int, float]:
     return {int(h): float(v["epsilon"]) for h, v in ledgers.items()}
 
 
+def check_attacks(names, setting: str) -> None:
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        raise ConfigError(f"{setting}: unknown attack {', '.join(map(repr, unknown)) or '(none)'}; "
+                          f"known: {', '.join(ATTACKS)}")
+
+
 def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), progress: bool = True, log=print) -> dict:
     run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise DataError(f"{run.root}: no such run directory")
+    if not run.config.exists():
+        raise DataError(f"{run.root}: not a fedgen run directory (no config.yaml)")
+    if not (run.pipeline / "model_index.json").exists():
+        raise DataError(f"{run.pipeline}: no released model; has the run finished training?")
+    check_attacks(settings.attacks, "attacks")
     cfg = load_run_config(run)
     unet, scheduler = load_released(run.root)
     candidates, training = candidates_from_run(run.root, settings.seed, settings.per_hospital)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fedgen.config import ExperimentConfig
+from fedgen.data.dataset import DataError
 from fedgen.data.silos import build_silos, check_records
 from fedgen.run_dir import RunDir
 
@@ -37,14 +38,21 @@ def candidates_from_run(run_dir: str | Path, seed: int = 0, per_hospital: int | 
     """Balanced members/non-members of every hospital, and all training images (for extraction).
 
     per_hospital caps members (and as many non-members) per hospital; None takes as many as the
-    smaller side allows. Raises if a rebuilt split disagrees with the hospital's records.
+    smaller side allows. Raises if a hospital's records are missing or a rebuilt split disagrees
+    with them: unchecked, the membership labels could be wrong without anyone knowing.
     """
     run = RunDir(run_dir)
     cfg = load_run_config(run)
     rng = np.random.default_rng(seed)
     images, member, hospital, patient, training = [], [], [], [], []
     for silo in build_silos(cfg):
-        check_records(silo, run.hospital_home(silo.hospital) / "records.json")
+        records = run.hospital_home(silo.hospital) / "records.json"
+        if not records.exists():
+            raise DataError(
+                f"{records}: missing; the audit checks every candidate against the records the hospital "
+                "wrote at training time (a deployed hospital keeps them at <data-dir>/fedgen/<name>/: copy them here)"
+            )
+        check_records(silo, records)
         n = min(len(silo.members), len(silo.heldout))
         if per_hospital:
             n = min(n, per_hospital)

@@ -3,9 +3,10 @@ the reply."""
 
 from __future__ import annotations
 
+import json
 from typing import cast
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedgen.config import load_config, overrides_from_run_config
@@ -39,6 +40,12 @@ def hospital_for(context: Context) -> Hospital:
     return _hospitals[key]
 
 
+def recorded_account(config: ConfigRecord, hospital: Hospital) -> dict | None:
+    """What the coordinator recorded of this hospital's privacy account (None before round 1)."""
+    accounts = json.loads(str(config.get("fedgen-accounts", "{}")))
+    return accounts.get(str(hospital.silo.hospital))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     hospital = hospital_for(context)
@@ -47,6 +54,7 @@ def train(msg: Message, context: Context) -> Message:
         msg.content.array_records["arrays"].to_torch_state_dict(),
         server_round=int(cast(int, config["fedgen-round"])),
         proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
+        recorded=recorded_account(config, hospital),
     )
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
@@ -56,3 +64,11 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     metrics = hospital_for(context).evaluate(msg.content.array_records["arrays"].to_torch_state_dict())
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def account(msg: Message, context: Context) -> Message:
+    """The roll call: this hospital's ledger, checked against the coordinator's record of it."""
+    hospital = hospital_for(context)
+    mine = hospital.account(recorded_account(msg.content.config_records["config"], hospital))
+    return Message(content=RecordDict({"metrics": MetricRecord(mine)}), reply_to=msg)

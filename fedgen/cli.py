@@ -20,17 +20,22 @@ Overrides are Hydra's (group=option, key.path=value); see conf/ for every settin
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from fedgen.config import load_config
+    from fedgen.running.preflight import check_writable
     from fedgen.running.simulate import simulate
 
+    check_writable(load_config(args.overrides).runs_dir, "runs_dir")
     simulate(args.overrides, argv=["fedgen", "simulate", *args.overrides])
     return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from fedgen.config import load_config
+    from fedgen.running.preflight import check_writable
     from fedgen.running.pretrain import pretrain
 
     cfg = load_config(args.overrides)
+    check_writable(cfg.runs_dir, "runs_dir")
     pretrain(cfg, cfg.runs_dir)
     return 0
 
@@ -38,11 +43,17 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _attack(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from attacks.audit import AuditSettings, audit_run
+    from attacks.audit import AuditSettings, audit_run, check_attacks
+    from fedgen.running.preflight import check_count, check_writable
 
+    check_count(args.per_hospital, "--per-hospital", 1)
+    check_count(args.samples, "--samples", 0)
+    check_count(args.batch_size, "--batch-size", 1)
+    check_writable(args.run_dir, "run_dir")  # attack.json, roc.png and TensorBoard events go there
     settings = AuditSettings(per_hospital=args.per_hospital, batch_size=args.batch_size)
     if args.attacks:
         settings = dataclasses.replace(settings, attacks=tuple(args.attacks.split(",")))
+        check_attacks(settings.attacks, "--attacks")
     settings = dataclasses.replace(
         settings, extraction=dataclasses.replace(settings.extraction, num_samples=args.samples)
     )
@@ -60,8 +71,12 @@ def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedgen.config import ConfigError
+    from fedgen.running.preflight import check_writable
 
     folder = Path(args.path)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such directory (a run or a sweep)")
+    check_writable(folder, "path")
     if (folder / "sweep.json").exists():
         from fedgen.running.sweep import refresh
 
@@ -77,6 +92,15 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _xrays(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedgen.config import SYNTHETIC_MIN_SIZE
+    from fedgen.running.preflight import check_count, check_writable
+
+    check_count(args.size, "--size", SYNTHETIC_MIN_SIZE)
+    check_count(args.sources, "--sources", 1)
+    check_count(args.patients, "--patients", args.sources)  # one row per source, each with patients
+    check_writable(Path(args.out).parent, "--out")
     from fedgen.data.images import save_grid
     from fedgen.data.synthetic import generate_xrays
 
@@ -179,19 +203,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ConfigError, DataError) as err:
-        print(f"fedgen: error: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err), 2)
     except KeyboardInterrupt:
         return 130
-    except Exception as err:  # Hydra's composition errors name the bad override
-        if type(err).__module__.startswith(("hydra", "omegaconf")):
-            cause = f" ({err.__cause__})" if err.__cause__ else ""
-            print(f"fedgen: error: {err}{cause}", file=sys.stderr)
-            return 2
-        if type(err).__name__ in ("SimulationError", "AuditAlarm"):
-            print(f"fedgen: error: {err}", file=sys.stderr)
-            return 1
+    except OSError as err:  # a file that cannot be read or written: the message names it
+        return _error(str(err), 1)
+    except Exception as err:
+        if type(err).__module__.startswith(("hydra", "omegaconf")):  # e.g. a damaged config.yaml
+            return _error(str(err).splitlines()[0], 2)
+        if type(err).__name__ in ("SimulationError", "AuditAlarm"):  # a run's summary: a line per lost hospital
+            return _error(str(err), 1, lines=True)
         raise
+
+
+def _error(message: str, code: int, lines: bool = False) -> int:
+    """One line on stderr (with `lines`, one per line of the message), each at most a few hundred characters."""
+    parts = [" ".join(part.split()) for part in message.splitlines()] if lines else [" ".join(message.split())]
+    for i, line in enumerate(p for p in parts if p):
+        cut = f"{line[:600]}{' ...' if len(line) > 600 else ''}"
+        print(f"fedgen: error: {cut}" if i == 0 else f"  {cut}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ dataclasses (`to_config`) and hand the dataclasses to library code, which never 
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DATA_SOURCES = ("synthetic", "medmnist", "folder", "dicom")
+SYNTHETIC_MIN_SIZE = 16  # smaller, the synthetic X-rays' anatomy and nodules are a few blurred pixels
 
 
 class ConfigError(ValueError):
@@ -24,6 +28,9 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | medmnist | folder | dicom
     path: str | None = None  # file or folder for the real loaders
     csv_path: str | None = None  # folder loader: optional CSV with file,patient_id,label
+    # dicom loader: files that are no grey image (colour, reports, corrupt): "skip" counts them
+    # by cause in one line; "error" stops at the first
+    unreadable: str = "skip"
     image_size: int = 32
     num_patients: int = 600  # synthetic: patients over all hospitals
     images_per_patient: int = 2  # synthetic
@@ -113,8 +120,8 @@ class FederationConfig:
     num_hospitals: int = 3
     num_rounds: int = 5
     fraction_train: float = 1.0  # share of hospitals sampled per round
-    min_train_nodes: int = 1  # fewer successful replies than this fails the round
-    min_available_nodes: int = 0  # wait for this many connected hospitals before each round (0: min_train_nodes)
+    min_train_nodes: int = 0  # usable updates a round needs (0: every sampled hospital); fewer leave the model unchanged
+    min_available_nodes: int = 0  # wait for this many connected hospitals before each round (0: min_train_nodes, or all)
     local_epochs: int = 4
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam
     proximal_mu: float = 0.01  # fedprox
@@ -177,10 +184,55 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    overrides = list(overrides or [])
+    if config_name == "config":
+        check_override_keys(overrides, ExperimentConfig(), groups=[p.name for p in CONF_DIR.iterdir() if p.is_dir()])
     register_schemas()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except Exception as err:  # Hydra's messages run to a dozen lines: one line, naming the override
+        if not type(err).__module__.startswith(("hydra", "omegaconf")):
+            raise
+        raise ConfigError(_one_line(err, overrides)) from err
+
+
+def _one_line(err: Exception, overrides: list[str]) -> str:
+    missing = re.search(r"Could not find '(\w+)/([^']*)'", str(err))
+    if missing:
+        group, option = missing.groups()
+        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        return f"{group}={option}: no such option; known: {', '.join(known)}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See ")]
+    message = ": ".join(lines[:2])  # what failed, and why
+    if err.__cause__ is not None:
+        message += ": " + str(err.__cause__).splitlines()[0]
+    if not any(o.lstrip("~+").split("=")[0] in message for o in overrides):
+        message = f"overrides {' '.join(overrides)}: {message}"
+    return message
+
+
+def check_override_keys(overrides: list[str], schema, groups=(), prefix: str = "") -> None:
+    """Refuse an override whose key no schema knows. Hydra would say to add it with `+`, and a
+    `+key` is then composed and silently dropped: `+federation.num_round=3` trains the default."""
+    known: dict[str, bool] = {}  # setting -> is it a section (a dataclass)?
+    sections = [(schema, prefix)]
+    for node, path in sections:
+        for f in fields(node):
+            value = getattr(node, f.name)
+            known[path + f.name] = is_dataclass(value)
+            if is_dataclass(value):
+                sections.append((value, path + f.name + "."))  # this same loop visits it
+    for override in overrides:
+        key = override.lstrip("~+").split("=", 1)[0]
+        parents = [key.rsplit(".", n)[0] for n in range(1, key.count(".") + 1)]
+        # lists and dicts (model.block_out_channels.0, sweep.settings.<name>) take any sub-key
+        if key in known or key in groups or any(known.get(p) is False for p in parents):
+            continue
+        close = difflib.get_close_matches(key, [*known, *groups], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{key}: no such setting{hint}; see conf/ for every setting")
 
 
 def to_config(cfg: DictConfig) -> ExperimentConfig:
@@ -240,32 +292,25 @@ def validate(cfg: ExperimentConfig) -> None:
     """Fail before any training on settings that cannot work. Silo-dependent checks (delta < 1/N,
     empty silos) happen where the silo is known: `privacy.check_delta`, `partition.partition`."""
     d, m, p, t, f = cfg.data, cfg.model, cfg.privacy, cfg.training, cfg.federation
-    _require(d.image_size >= 8, "data.image_size", f"must be >= 8, got {d.image_size}")
+    _require(d.unreadable in ("skip", "error"), "data.unreadable", f"must be skip or error, got {d.unreadable!r}")
+    _require(d.source in DATA_SOURCES, "data.source", f"unknown '{d.source}'; known: {', '.join(DATA_SOURCES)}")
     downsamples = len(m.block_out_channels) - 1
-    _require(
-        d.image_size % (2**downsamples) == 0,
-        "data.image_size",
-        f"{d.image_size} is not divisible by 2^{downsamples}, which the UNet's "
-        f"{len(m.block_out_channels)} resolution levels need",
-    )
-    _require(
-        len(m.down_block_types) == len(m.block_out_channels) == len(m.up_block_types),
-        "model.block_out_channels",
-        "down_block_types, up_block_types and block_out_channels must have the same length",
-    )
+    _require(d.image_size >= 2**downsamples, "data.image_size", f"must be >= {2**downsamples} (the UNet's "
+             f"{downsamples + 1} resolution levels halve it {downsamples} times), got {d.image_size}")
+    if d.source == "synthetic" or (m.init == "pretrained" and cfg.pretrain.source == "synthetic"):
+        which = "data.source" if d.source == "synthetic" else "pretrain.source, for model.init=pretrained"
+        _require(d.image_size >= SYNTHETIC_MIN_SIZE, "data.image_size",
+                 f"synthetic X-rays ({which}) need >= {SYNTHETIC_MIN_SIZE}, got {d.image_size}")
+    _require(d.image_size % (2**downsamples) == 0, "data.image_size", f"{d.image_size} is not divisible by "
+             f"2^{downsamples}, which the UNet's {len(m.block_out_channels)} resolution levels need")
+    _require(len(m.down_block_types) == len(m.block_out_channels) == len(m.up_block_types), "model.block_out_channels",
+             "down_block_types, up_block_types and block_out_channels must have the same length")
     for c in m.block_out_channels:
-        _require(
-            c % m.norm_num_groups == 0,
-            "model.norm_num_groups",
-            f"{m.norm_num_groups} does not divide block width {c}",
-        )
+        _require(c % m.norm_num_groups == 0, "model.norm_num_groups", f"{m.norm_num_groups} does not divide block width {c}")
     for name, frac in (("heldout_fraction", d.heldout_fraction), ("validation_fraction", d.validation_fraction)):
         _require(0.0 <= frac < 1.0, f"data.{name}", f"must be in [0, 1), got {frac}")
-    _require(
-        d.heldout_fraction + d.validation_fraction < 1.0,
-        "data.heldout_fraction",
-        "held-out plus validation fractions leave no patients to train on",
-    )
+    _require(d.heldout_fraction + d.validation_fraction < 1.0, "data.heldout_fraction",
+             "held-out plus validation fractions leave no patients to train on")
     if p.enabled:
         _require(
             p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
@@ -291,30 +336,24 @@ def validate(cfg: ExperimentConfig) -> None:
     for name in ("num_patients", "images_per_patient", "num_sources", "epochs", "batch_size"):
         _require(getattr(pre, name) >= 1, f"pretrain.{name}", f"must be >= 1, got {getattr(pre, name)}")
     _require(pre.learning_rate > 0, "pretrain.learning_rate", f"must be > 0, got {pre.learning_rate}")
-    _require(pre.source in ("synthetic", "medmnist", "folder", "dicom"), "pretrain.source", f"unknown '{pre.source}'")
+    _require(pre.source in DATA_SOURCES, "pretrain.source", f"unknown '{pre.source}'; known: {', '.join(DATA_SOURCES)}")
     _require(f.num_hospitals >= 1, "federation.num_hospitals", f"must be >= 1, got {f.num_hospitals}")
+    _require(d.source != "synthetic" or f.num_hospitals <= d.num_patients, "federation.num_hospitals",
+             f"{f.num_hospitals} hospitals but data.num_patients={d.num_patients}: each needs patients of its own")
     _require(f.num_rounds >= 1, "federation.num_rounds", f"must be >= 1, got {f.num_rounds}")
     _require(f.local_epochs >= 1, "federation.local_epochs", f"must be >= 1, got {f.local_epochs}")
     _require(0.0 < f.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
     _require(
-        1 <= f.min_train_nodes <= f.num_hospitals,
+        0 <= f.min_train_nodes <= f.num_hospitals,
         "federation.min_train_nodes",
-        f"must be in [1, num_hospitals={f.num_hospitals}], got {f.min_train_nodes}",
+        f"must be in [0, num_hospitals={f.num_hospitals}] (0: every sampled hospital), got {f.min_train_nodes}",
     )
-    _require(
-        f.strategy in ("fedavg", "fedprox", "fedadam"), "federation.strategy", f"unknown '{f.strategy}'"
-    )
-    _require(
-        f.sampling_method in ("ddpm", "ddim"),
-        "federation.sampling_method",
-        f"must be 'ddpm' or 'ddim', got '{f.sampling_method}'",
-    )
+    _require(f.strategy in ("fedavg", "fedprox", "fedadam"), "federation.strategy", f"unknown '{f.strategy}'")
+    _require(f.sampling_method in ("ddpm", "ddim"), "federation.sampling_method",
+             f"must be 'ddpm' or 'ddim', got '{f.sampling_method}'")
     _require(f.sampling_steps >= 1, "federation.sampling_steps", f"must be >= 1, got {f.sampling_steps}")
-    _require(
-        f.partitioning in ("iid", "dirichlet", "quantity", "source"),
-        "federation.partitioning",
-        f"unknown '{f.partitioning}'",
-    )
+    _require(f.partitioning in ("iid", "dirichlet", "quantity", "source"), "federation.partitioning",
+             f"unknown '{f.partitioning}'")
     _require(0.0 <= f.duplicate_fraction <= 1.0, "federation.duplicate_fraction", "must be in [0, 1]")
     _require(f.duplicate_times >= 0, "federation.duplicate_times", "must be >= 0")
     _require(

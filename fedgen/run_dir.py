@@ -13,6 +13,7 @@ runs/<name>/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,18 @@ def save_torch(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be trusted: resuming stops before any hospital trains."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_json(path: Path) -> dict:
     """A JSON file written by `write_json`, or {} when it does not exist (yet)."""
     return json.loads(path.read_text()) if path.exists() else {}
@@ -81,13 +94,46 @@ class RunDir:
     def checkpoint_path(self, server_round: int) -> Path:
         return self.checkpoints / f"round-{server_round:04d}.pt"
 
-    def save_checkpoint(self, server_round: int, state: dict, history: list[dict]) -> None:
-        save_torch(self.checkpoint_path(server_round), {"round": server_round, "model": state, "history": history})
+    def save_checkpoint(self, server_round: int, state: dict, history: list[dict]) -> str:
+        """Write the round's checkpoint; returns its sha256, which metrics.json records."""
+        path = self.checkpoint_path(server_round)
+        save_torch(path, {"round": server_round, "model": state, "history": history})
+        return file_sha256(path)
 
     def latest_checkpoint(self) -> dict | None:
-        """The last complete checkpoint ({'round', 'model', 'history'}), or None before round 1."""
-        found = sorted(self.checkpoints.glob(CHECKPOINT_GLOB))
-        return torch.load(found[-1], weights_only=False) if found else None
+        """The last checkpoint ({'round', 'model', 'history'}) that metrics.json vouches for, or
+        None before round 1. One written just before a crash, with no hash on record yet, is
+        passed over (its round is trained again: hospitals re-send the update they released).
+        One whose hash does not match, that does not load, or that holds non-finite weights is
+        refused, naming the file: resuming from it would train every hospital on garbage."""
+        found = sorted(self.checkpoints.glob(CHECKPOINT_GLOB), reverse=True)
+        if not found:
+            return None
+        try:
+            metrics = self.read_metrics()
+        except ValueError as err:
+            raise CheckpointError(f"{self.metrics}: unreadable ({err}); it holds the checkpoints' hashes") from err
+        if self.metrics.exists() and "checkpoints" not in metrics:
+            raise CheckpointError(f"{self.metrics}: no checkpoint hashes (written by an older fedgen): "
+                                  f"{found[0]} cannot be verified; start a new run (name=...)")
+        hashes = metrics.get("checkpoints", {})
+        for path in found:
+            recorded = hashes.get(str(int(path.stem.split("-")[1])))
+            if recorded is None:
+                continue
+            if file_sha256(path) != recorded:
+                raise CheckpointError(f"{path}: its sha256 does not match the one in {self.metrics.name} "
+                                      "(truncated or modified); refusing to resume from it")
+            try:
+                checkpoint = torch.load(path, weights_only=False)
+            except Exception as err:  # a file that verifies but will not load: say which
+                raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+            bad = [k for k, v in checkpoint["model"].items() if not torch.isfinite(v).all()]
+            if bad:
+                raise CheckpointError(f"{path}: non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                                      "refusing to resume from it")
+            return checkpoint
+        return None
 
     def experiment_config(self) -> ExperimentConfig:
         """The resolved config the run was trained with (config.yaml)."""

@@ -65,7 +65,8 @@ def add_lora(unet: torch.nn.Module, cfg: TrainingConfig, seed_parts: tuple = ())
     from peft.tuners.lora import LoraModel
 
     _check_lora_targets(unet, cfg)
-    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets))
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, uses it as a float scale
+                        target_modules=list(cfg.lora_targets))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(*seed_parts, "lora-init"))
         LoraModel(unet, config, "default")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterable
 from typing import cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedgen.config import ExperimentConfig, load_config, overrides_from_run_config
-from fedgen.federation.coordinator import Coordinator
+from fedgen.federation.coordinator import Coordinator, RunFailed
 from fedgen.federation.update_checks import EVALUATE_METRIC_KEYS, metrics_problem
 from fedgen.run_dir import RunDir
 
@@ -34,6 +36,8 @@ class Reporting:
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
         config["fedgen-round"] = self.round_offset + server_round
+        # Each hospital checks its ledger against this before spending anything (`Hospital.account`).
+        config["fedgen-accounts"] = json.dumps(self.coordinator.recorded_accounts())
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self.coordinator.begin_round(self.round_offset + server_round, sampled=len(messages))
         self.instructions = messages  # Flower sets their message ids when it sends them
@@ -62,14 +66,15 @@ class Reporting:
                 continue
             hospital, problem = self._check_train_reply(msg, seen)
             if problem or hospital is None:  # (no hospital number only comes with a problem)
-                self.coordinator.record_rejection(hospital, str(problem), node=node)
+                spent = dict(msg.content.metric_records["metrics"]) if hospital is not None else None
+                self.coordinator.record_rejection(hospital, str(problem), node=node, spent=spent)
                 continue
             seen.add(hospital)
             self.coordinator.record_train(hospital, dict(msg.content.metric_records["metrics"]))
             accepted.append(msg)
-        if len(accepted) < fed.min_train_nodes:
-            _say(f"round {self.round_offset + server_round}: {len(accepted)} usable update(s), fewer than "
-                 f"federation.min_train_nodes={fed.min_train_nodes}; the global model is unchanged")
+        required = self.coordinator.required_updates(len(sent_to))
+        if len(accepted) < required:
+            self.coordinator.record_model_unchanged(len(accepted), required)
             accepted = []
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
@@ -112,9 +117,10 @@ def make_strategy(cfg: ExperimentConfig, coordinator: Coordinator):
     kwargs = dict(
         fraction_train=fed.fraction_train,
         fraction_evaluate=1.0 if cfg.data.validation_fraction > 0 else 0.0,
-        min_train_nodes=fed.min_train_nodes,
-        min_evaluate_nodes=fed.min_train_nodes,
-        min_available_nodes=max(fed.min_available_nodes, fed.min_train_nodes),
+        min_train_nodes=max(1, fed.min_train_nodes),
+        min_evaluate_nodes=max(1, fed.min_train_nodes),
+        # 0 (every hospital needed): wait until all are connected before sampling.
+        min_available_nodes=max(fed.min_available_nodes, fed.min_train_nodes or fed.num_hospitals),
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
@@ -127,6 +133,49 @@ def make_strategy(cfg: ExperimentConfig, coordinator: Coordinator):
     return strategy
 
 
+def roll_call(grid: Grid, coordinator: Coordinator, wait: bool) -> tuple[dict[str, dict], list[str]]:
+    """Ask every connected hospital for its ledger, checked against the coordinator's record.
+    Returns (accounts by hospital, refusals). With `wait`, first waits up to round_timeout until
+    as many hospitals are connected as a round needs."""
+    fed = coordinator.cfg.federation
+    wanted = max(fed.min_available_nodes, fed.min_train_nodes or fed.num_hospitals)
+    deadline = time.monotonic() + (fed.round_timeout if wait else 0.0)
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    config = ConfigRecord({"fedgen-accounts": json.dumps(coordinator.recorded_accounts())})
+    messages = [Message(RecordDict({"config": config}), dst_node_id=node, message_type="query") for node in nodes]
+    accounts: dict[str, dict] = {}
+    refusals: list[str] = []
+    for reply in grid.send_and_receive(messages, timeout=fed.round_timeout):
+        if reply.has_error():
+            reason = str(reply.error.reason).strip()
+            refusals.append(reason.splitlines()[-1] if reason else f"node {reply.metadata.src_node_id} failed")
+            continue
+        metrics = dict(reply.content.metric_records.get("metrics", {}))
+        if isinstance(metrics.get("hospital"), int):
+            accounts[str(metrics["hospital"])] = metrics
+    return accounts, refusals
+
+
+def check_accounts_before_resuming(grid: Grid, coordinator: Coordinator) -> None:
+    """Before a resumed run spends anything: every hospital's ledger must hold at least what the
+    coordinator recorded (a deleted or rolled-back ledger would restart its epsilon at 0)."""
+    accounts, refusals = roll_call(grid, coordinator, wait=True)
+    recorded = coordinator.recorded_accounts()
+    for h, mine in accounts.items():  # the hospitals check themselves; check their answers too
+        if h in recorded and int(cast(int, mine["steps"])) < recorded[h]["steps"]:
+            refusals.append(f"hospital {h}: its ledger records {mine['steps']} steps, the coordinator "
+                            f"recorded {recorded[h]['steps']}")
+    coordinator.accounts = accounts  # what the answering hospitals' ledgers hold is what they spent
+    if refusals:
+        error = "refusing to resume: " + "; ".join(dict.fromkeys(refusals))
+        _say(error)
+        coordinator.stop("refused", error)
+        raise RunFailed(coordinator.run_dir.metrics, error)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_config(overrides_from_run_config(context.run_config))
@@ -134,6 +183,8 @@ def main(grid: Grid, context: Context) -> None:
     coordinator = Coordinator(cfg, run_dir, log=_say)
     if coordinator.start_round:
         _say(f"resuming after round {coordinator.start_round} from {run_dir.checkpoints}")
+        if cfg.privacy.enabled:
+            check_accounts_before_resuming(grid, coordinator)
     strategy = make_strategy(cfg, coordinator)
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -151,5 +202,12 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=after_round,
             timeout=cfg.federation.round_timeout,
         )
+    if cfg.privacy.enabled:  # what each hospital spent, from its own ledger (failed rounds included)
+        coordinator.accounts, _ = roll_call(grid, coordinator, wait=False)
     pipeline = coordinator.finish()
     _say(f"released the global model as a diffusers pipeline: {pipeline}")
+    for lost in coordinator.lost():
+        _say(f"lost: {lost}")
+    if not coordinator.trained_as_configured():
+        rounds = coordinator.summary()["rounds_model_unchanged"]
+        raise RunFailed(run_dir.metrics, f"incomplete: round(s) {rounds} had too few usable updates")

@@ -38,10 +38,14 @@ def test_impossible_settings_fail_naming_the_setting(override, setting):
 
 
 def test_wrong_type_or_unknown_key_fails_at_composition():
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(ConfigError, match="federation.num_hospitals=many") as caught:
         load_config(["federation.num_hospitals=many"])
-    with pytest.raises(ConfigCompositionException):
-        load_config(["federation.num_hospital=3"])
+    assert isinstance(caught.value.__cause__, ConfigCompositionException)  # Hydra's, in one line
+    # Hydra suggests `+key` for an unknown key, which it then composes and the schema drops.
+    for typo in ("federation.num_hospital=3", "+federation.num_hospital=3", "++federation.num_hospital=3"):
+        with pytest.raises(ConfigError, match=r"did you mean federation\.num_hospitals\?"):
+            load_config([typo])
+    assert load_config(["model.block_out_channels.0=8"]).model.block_out_channels[0] == 8  # a list item
 
 
 def test_a_privacy_preset_that_a_later_preset_undoes_is_refused():

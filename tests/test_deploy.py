@@ -106,7 +106,7 @@ def test_a_deployed_hospital_reads_its_own_images(tmp_path):
 def test_client_app_puts_a_deployed_hospital_home_in_its_data_dir(tmp_path):
     from clients.app import hospital_for
 
-    run_config = {"overrides": '["data.num_patients=48", "data.image_size=16", "name=pilot"]',
+    run_config = {"overrides": '["data.num_patients=48", "data.image_size=16", "training.batch_size=16", "name=pilot"]',
                   "run-dir": str(tmp_path / "coordinator" / "runs" / "pilot")}
     deployed = Context(run_id=1, node_id=7, state=RecordDict(), run_config=run_config,
                        node_config={"partition-id": 0, "num-partitions": 3, "data-dir": str(tmp_path / "h0")})

@@ -7,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from fedgen.config import ConfigError, DataConfig, compose, to_config
 from fedgen.data.dataset import DataError
 from fedgen.data.loaders import (
     LOADERS,
@@ -18,6 +20,7 @@ from fedgen.data.loaders import (
     load_images,
     load_medmnist,
 )
+from fedgen.data.silos import load_pool
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
@@ -40,7 +43,9 @@ def write_dicom(path: Path, stored: np.ndarray, photometric="MONOCHROME2", **ele
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = DX_STORAGE, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape
+    ds.Rows, ds.Columns = stored.shape[-2:]
+    if stored.ndim == 3:
+        ds.NumberOfFrames = len(stored)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     for keyword, value in elements.items():
@@ -237,6 +242,127 @@ def test_dicom_corrupt_cases_name_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         load_dicom_folder(tmp_path / "empty", 32)
+
+
+# --- pydicom's own test files: what hospital exports hold ----------------------------------
+
+# Files in pydicom's wheel that a hospital export might hold, and why each is here.
+USABLE = {
+    "CT_small.dcm": "plain little endian",
+    "MR_small.dcm": "the uncompressed original of the MR_small_* files",
+    "MR_small_bigendian.dcm": "explicit VR big endian",
+    "image_dfl.dcm": "deflated",
+    "JPEG-lossy.dcm": "12-bit JPEG extended, as NEMA wrote it (SOS header off-standard)",
+    "JPGExtended.dcm": "the same JPEG with its header fixed",
+    "MR_small_jpeg_ls_lossless.dcm": "JPEG-LS lossless",
+    "MR_small_jp2klossless.dcm": "JPEG 2000 lossless",
+    "MR_small_RLE.dcm": "RLE lossless",
+    "rtdose.dcm": "15 frames",
+    "dicomdirtests/77654033/CR1/6154": "MONOCHROME1, named without a suffix as on DICOMDIR media",
+}
+UNUSABLE = {  # name: the cause the loader gives
+    "ExplVR_BigEnd.dcm": "colour",  # RGB
+    "SC_rgb_jpeg_dcmtk.dcm": "colour",  # YBR_FULL, JPEG baseline
+    "examples_palette.dcm": "colour",  # palette
+    "rtplan.dcm": "no pixel data",
+    "test-SR.dcm": "no pixel data",
+    "MR_truncated.dcm": "corrupt",  # pixel data cut short
+}
+
+
+def pydicom_export(folder: Path) -> Path:
+    """USABLE and UNUSABLE copied flat from pydicom's wheel, read offline (download=False:
+    pydicom fetches its larger test files from GitHub, which may be out of reach); skips the
+    test if this pydicom ships without them."""
+    folder.mkdir()
+    for name in [*USABLE, *UNUSABLE]:
+        found = get_testdata_file(name, download=False)
+        if found is None:
+            pytest.skip(f"pydicom ships without its test file {name}")
+        (folder / Path(name).name).write_bytes(Path(found).read_bytes())
+    (folder / "README").write_text("not DICOM, no suffix: not a candidate, not counted")
+    return folder
+
+
+def image_of(data, name: str) -> torch.Tensor:
+    """The image [S, S] loaded from file `name`: usable files load in sorted order."""
+    return data.images[sorted(Path(n).name for n in USABLE).index(name), 0]
+
+
+def test_pydicom_export_skips_unusable_files_and_counts_them_by_cause(tmp_path, capsys):
+    folder = pydicom_export(tmp_path / "export")
+    data = load_dicom_folder(folder, 32)
+    summary = capsys.readouterr().out.strip().splitlines()
+    assert summary == [f"{folder}: skipped 6 of 17 DICOM files: "
+                       "3 colour, 2 no pixel data, 1 corrupt"]  # fmt: skip
+    assert data.images.shape == (len(USABLE), 1, 32, 32)
+    assert data.images.isfinite().all() and data.images.abs().max() <= 1.0
+    original = image_of(data, "MR_small.dcm")
+    assert original.std() > 0.1  # an image, not a constant
+    for lossless in ("MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
+                     "MR_small_RLE.dcm", "MR_small_bigendian.dcm"):  # fmt: skip
+        assert torch.equal(image_of(data, lossless), original), lossless
+    fixed = image_of(data, "JPGExtended.dcm")
+    assert fixed.std() > 0.1
+    assert torch.allclose(image_of(data, "JPEG-lossy.dcm"), fixed, atol=0.02)
+    for other in ("CT_small.dcm", "image_dfl.dcm", "6154"):
+        assert image_of(data, other).std() > 0.01, other
+
+
+def test_pydicom_export_with_unreadable_error_stops_at_the_first(tmp_path):
+    folder = pydicom_export(tmp_path / "export")
+    with pytest.raises(DataError, match=r"ExplVR_BigEnd\.dcm: colour \(.*'RGB'"):
+        load_dicom_folder(folder, 32, unreadable="error")
+    with pytest.raises(DataError, match="unreadable"):
+        load_dicom_folder(folder, 32, unreadable="ignore")
+    # The setting, from conf/ through the config to the loader.
+    cfg = to_config(compose(["data=dicom", f"data.path={folder}"]))
+    assert cfg.data.unreadable == "skip"
+    with pytest.raises(DataError, match="ExplVR_BigEnd.dcm"):
+        load_pool(DataConfig(source="dicom", path=str(folder), unreadable="error"), 3)
+    with pytest.raises(ConfigError, match="data.unreadable"):
+        to_config(compose(["data=dicom", f"data.path={folder}", "data.unreadable=ignore"]))
+
+
+def test_a_folder_without_a_usable_dicom_image_names_the_causes(tmp_path):
+    folder = pydicom_export(tmp_path / "export")
+    for file in folder.iterdir():
+        if UNUSABLE.get(file.name) not in ("colour", "no pixel data"):
+            file.unlink()
+    with pytest.raises(DataError, match=f"{folder}: none of 5 .*: 3 colour .*; 2 no pixel data"):
+        load_dicom_folder(folder, 32)
+
+
+def test_multi_frame_gives_the_middle_frame_with_enhanced_rescale_and_windows(tmp_path):
+    frames = np.stack([np.full((16, 16), 50 * i, np.uint16) for i in range(5)])  # 0 .. 200
+    rescale, window = Dataset(), Dataset()
+    rescale.RescaleSlope, rescale.RescaleIntercept = 2, 0  # stored 100 -> 200
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = [rescale]
+    per_frame = []
+    for i in range(5):
+        window = Dataset()
+        window.WindowCenter, window.WindowWidth = (200, 400) if i == 2 else (0, 1)
+        item = Dataset()
+        item.FrameVOILUTSequence = [window]
+        per_frame.append(item)
+    write_dicom(tmp_path / "volume.dcm", frames, SharedFunctionalGroupsSequence=[shared],
+                PerFrameFunctionalGroupsSequence=per_frame)  # fmt: skip
+    data = load_dicom_folder(tmp_path, 16)
+    assert len(data) == 1
+    # Frame 2: stored 100, rescaled 200, its own window 200 +- 200: the middle grey, 0.
+    assert torch.allclose(data.images[0], torch.tensor(0.0))
+    # pydicom's 15-frame dose grid: one image, its middle frame, decoded alone.
+    dose = get_testdata_file("rtdose.dcm", download=False)
+    if dose is None:
+        pytest.skip("pydicom ships without rtdose.dcm")
+    (tmp_path / "volume.dcm").unlink()
+    (tmp_path / "rtdose.dcm").write_bytes(Path(dose).read_bytes())
+    middle = dcmread(dose).pixel_array[7].astype(np.float64)
+    expected = (middle - middle.min()) / (middle.max() - middle.min()) * 2 - 1
+    dose_image = load_dicom_folder(tmp_path, 10).images
+    assert dose_image.shape == (1, 1, 10, 10)
+    assert torch.allclose(dose_image[0, 0], torch.from_numpy(expected).float(), atol=1e-6)
 
 
 # --- registry -------------------------------------------------------------------------------

@@ -160,14 +160,18 @@ def test_simulation_trains_accounts_and_releases(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_hospital_does_not_kill_the_round(tmp_path):
+def test_a_refusing_hospital_is_named_and_the_run_is_incomplete(tmp_path):
     run = tmp_path / "faulty"
     broken = run / "hospitals" / "hospital-1" / "ledger.json"
     broken.parent.mkdir(parents=True)
-    broken.write_text("{ this is not a ledger")  # hospital 1 raises when it opens its ledger
+    broken.write_text("{ this is not a ledger")  # hospital 1 refuses when it opens its ledger
     done = run_fedgen(tiny_overrides(tmp_path, "faulty"))
-    assert done.returncode == 0, done.stdout + done.stderr
+    # By default a round needs every hospital: both rounds leave the model unchanged.
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "ended 'incomplete'" in done.stderr and "hospital-1/ledger.json" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
     metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "incomplete" and metrics["summary"]["rounds_model_unchanged"] == [1, 2]
     for record in metrics["history"]:
         assert set(record["train"]) == {"0"}
         assert len(record["failures"]) == 1 and "ledger" in record["failures"][0]["reason"]
@@ -189,7 +193,8 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 400
-    while not (run / "checkpoints" / "round-0001.pt").exists():
+    metrics_file = run / "metrics.json"
+    while not (metrics_file.exists() and "1" in json.loads(metrics_file.read_text())["checkpoints"]):
         assert first.poll() is None, first.stdout.read()
         assert time.time() < deadline
         time.sleep(0.2)
@@ -197,8 +202,33 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
     first.wait(timeout=120)
     assert "interrupted" in first.stdout.read()  # the run did not finish before the Ctrl-C
     assert fedgen_processes_left(already) == []  # every process it started is gone
-    metrics_file = run / "metrics.json"  # the kill may land before round 1's metrics are written
-    assert not metrics_file.exists() or json.loads(metrics_file.read_text())["status"] == "running"
+    assert json.loads(metrics_file.read_text())["status"] == "running"
+    hospitals = run / "hospitals"
+    kept = {p: p.read_bytes() for p in [*hospitals.rglob("*"), run / "checkpoints" / "round-0001.pt"] if p.is_file()}
+
+    # A deleted ledger would restart that hospital's epsilon at 0: the resume refuses, spending nothing.
+    (hospitals / "hospital-0" / "ledger.json").unlink()
+    refused = run_fedgen(overrides)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "refusing to resume" in refused.stderr and "hospital 0" in refused.stderr
+    assert "coordinator recorded" in refused.stderr and "Traceback" not in refused.stdout + refused.stderr
+    assert not (hospitals / "hospital-0" / "ledger.json").exists()
+    assert all(p.read_bytes() == data for p, data in kept.items() if p.name != "ledger.json" or "hospital-1" in str(p))
+    refusal = json.loads(metrics_file.read_text())
+    assert refusal["status"] == "refused" and not (run / "checkpoints" / "round-0002.pt").exists()
+    spent = EpsilonLedger.load(hospitals / "hospital-1" / "ledger.json").epsilon
+    assert refusal["ledgers"]["1"]["epsilon"] == pytest.approx(spent)  # what the ledger says was spent
+    (hospitals / "hospital-0" / "ledger.json").write_bytes(kept[hospitals / "hospital-0" / "ledger.json"])
+
+    # A checkpoint whose weights were replaced by NaN does not verify: refused before Flower starts.
+    checkpoint = run / "checkpoints" / "round-0001.pt"
+    saved = torch.load(checkpoint, weights_only=False)
+    saved["model"] = {k: torch.full_like(v, float("nan")) for k, v in saved["model"].items()}
+    torch.save(saved, checkpoint)
+    nan = run_fedgen(overrides)
+    assert nan.returncode == 2 and "round-0001.pt" in nan.stderr and "Traceback" not in nan.stderr, nan.stderr
+    assert all(p.read_bytes() == data for p, data in kept.items() if p != checkpoint)
+    checkpoint.write_bytes(kept[checkpoint])
 
     done = run_fedgen(overrides)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -216,7 +246,8 @@ def test_bad_override_fails_before_any_process_starts(tmp_path, capsys, monkeypa
     assert "federation.num_hospitals" in capsys.readouterr().err
     assert cli_main(["simulate", f"runs_dir={tmp_path}", "privacy.target_epsilon=-1"]) == 2
     assert "privacy.target_epsilon" in capsys.readouterr().err
-    assert cli_main(["simulate", f"runs_dir={tmp_path}", "data.num_patients=30", "privacy.delta=0.5"]) == 2
+    assert cli_main(["simulate", f"runs_dir={tmp_path}", "data.num_patients=30", "training.batch_size=8",
+                     "privacy.delta=0.5"]) == 2
     assert "privacy.delta" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no run directory, no Flower process
     assert fedgen_processes_left(already) == []

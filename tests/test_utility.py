@@ -31,6 +31,7 @@ TINY = [
     "federation.num_hospitals=2",
     f"federation.num_rounds={FINAL_ROUND}",
     "federation.sampling_steps=2",
+    "training.batch_size=16",  # the silos hold ~40 training images
 ]
 
 

@@ -3,7 +3,9 @@
 Every loader returns images [N, 1, S, S] in [-1, 1]: grey, centre-cropped to a square (so
 anatomy is never stretched), resized to S with antialiased bilinear interpolation. A file that
 cannot be read raises DataError naming it; nothing is skipped silently, because a silo that
-quietly lost half its patients would make every privacy and utility number wrong.
+quietly lost half its patients would make every privacy and utility number wrong. DICOM
+exports are the exception, since they mix images with reports, structure sets and colour
+captures: with unreadable="skip" those are left out and counted by cause in one logged line.
 """
 
 from __future__ import annotations
@@ -14,18 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 
-from fedgen.data.dataset import DataError, ImageSet, to_unit_range
+from fedgen.data.dataset import DataError, ImageSet
+from fedgen.data.dicom import DICOM_SUFFIXES, UnusableDicom, is_dicom_file, read_dicom
 
 MEDMNIST_SPLITS = ("train", "val", "test")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DICOM_SUFFIXES = (".dcm", ".dicom")
+UNREADABLE = ("skip", "error")  # what load_dicom_folder does with a file that is no grey image
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's "L"
 
 
@@ -41,11 +41,15 @@ def _square_resize(images: np.ndarray, size: int) -> torch.Tensor:
     return square.clamp(-1.0, 1.0)
 
 
-def _files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files under root (recursively) with one of the suffixes, sorted for determinism."""
+def _files(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
+    """Files under root (recursively) with one of the suffixes (None: any), sorted for
+    determinism."""
     if not root.is_dir():
         raise DataError(f"{root}: not a directory")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    return sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and (suffixes is None or p.suffix.lower() in suffixes)
+    )
 
 
 def _check_size(image_size: int) -> None:
@@ -204,60 +208,50 @@ def load_image_folder(
     )
 
 
-def _first(value) -> float:
-    """A DICOM number that may be multi-valued (several windows): the first value."""
-    return float(value[0]) if isinstance(value, MultiValue) else float(value)
-
-
-def _read_dicom(file: Path, window: tuple[float, float] | None) -> tuple[np.ndarray, str, str]:
-    """One DICOM image as ([H, W] in [-1, 1] with bone bright, patient id, source)."""
-    try:
-        ds = pydicom.dcmread(file)
-        raw = ds.pixel_array
-    except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, OSError,
-            EOFError, NotImplementedError, RuntimeError) as err:  # fmt: skip
-        # pydicom reports a bad file in many ways; all mean "this file is not usable".
-        raise DataError(f"{file}: not a readable DICOM image ({err})") from err
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DataError(f"{file}: PhotometricInterpretation {photometric!r} is not greyscale")
-    if raw.ndim != 2:
-        raise DataError(f"{file}: pixel array has shape {raw.shape}; expected one 2-D frame")
-    # Stored values to modality units (e.g. Hounsfield, or detector units for radiographs).
-    values = raw.astype(np.float64) * float(ds.get("RescaleSlope", 1.0))
-    values += float(ds.get("RescaleIntercept", 0.0))
-    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
-        window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
-    if window is None:
-        pixels = to_unit_range(values)  # no window anywhere: the image's own min..max
-    else:
-        centre, width = window
-        if width <= 0:
-            raise DataError(f"{file}: window width {width} must be > 0")
-        pixels = np.clip((values - (centre - width / 2)) / width, 0.0, 1.0) * 2.0 - 1.0
-    if photometric == "MONOCHROME1":  # low values are white: flip so bone is bright
-        pixels = -pixels
-    patient = str(ds.get("PatientID", "")).strip() or file.stem
-    source = str(ds.get("Manufacturer", "")).strip() or str(ds.get("InstitutionName", "")).strip()
-    return pixels.astype(np.float32), patient, source or "dicom"
-
-
 def load_dicom_folder(
-    path: str | Path, image_size: int, window: tuple[float, float] | None = None
+    path: str | Path,
+    image_size: int,
+    window: tuple[float, float] | None = None,
+    unreadable: str = "skip",
+    log: Callable[[str], None] = print,
 ) -> ImageSet:
-    """Single-frame greyscale DICOM files (*.dcm, *.dicom) under path, recursively.
+    """Greyscale DICOM objects under path, recursively: *.dcm, *.dicom, and files of any other
+    name that start like DICOM. A multi-frame object gives its middle frame (fedgen.data.dicom).
 
     Stored values pass RescaleSlope/Intercept, then a linear window: `window` = (centre, width)
     if given, else the file's first WindowCenter/WindowWidth, else the image's min..max.
     MONOCHROME1 is inverted so bone is bright. Patient id from PatientID (else the file stem),
     source from Manufacturer (else InstitutionName, else "dicom"), labels -1.
+
+    Exports hold objects that are no grey image (colour, reports, structure sets, corrupt or
+    undecodable files). unreadable="skip" leaves them out and logs one line counting them by
+    cause; "error" raises DataError at the first, naming it and the cause. A folder with no
+    usable image is a DataError either way.
     """
     _check_size(image_size)
+    if unreadable not in UNREADABLE:
+        raise DataError(f"unreadable must be one of {UNREADABLE}, got {unreadable!r}")
     root = Path(path)
-    files = _files(root, DICOM_SUFFIXES)
+    files = [f for f in _files(root, None) if is_dicom_file(f)]
     if not files:
-        raise DataError(f"{root}: no {'/'.join(DICOM_SUFFIXES)} files")
-    read = [_read_dicom(f, window) for f in files]
+        raise DataError(f"{root}: no {'/'.join(DICOM_SUFFIXES)} or other DICOM files")
+    read = []
+    skipped: dict[str, tuple[int, UnusableDicom]] = {}  # cause: (count, the first such error)
+    for file in files:
+        try:
+            read.append(read_dicom(file, window))
+        except UnusableDicom as err:
+            if unreadable == "error":
+                raise
+            count, first = skipped.get(err.cause, (0, err))
+            skipped[err.cause] = (count + 1, first)
+    causes = sorted(skipped.items(), key=lambda item: -item[1][0])
+    if not read:
+        reasons = "; ".join(f"{n} {cause} (e.g. {first})" for cause, (n, first) in causes)
+        raise DataError(f"{root}: none of {len(files)} DICOM files is a usable image: {reasons}")
+    if skipped:
+        counts = ", ".join(f"{n} {cause}" for cause, (n, _) in causes)
+        log(f"{root}: skipped {len(files) - len(read)} of {len(files)} DICOM files: {counts}")
     return ImageSet(
         images=torch.cat([_square_resize(pixels[None], image_size) for pixels, _, _ in read]),
         patient_ids=np.array([patient for _, patient, _ in read]),

@@ -51,7 +51,7 @@ def _by_source(patient_labels: np.ndarray, cfg: FederationConfig, rng: np.random
     if len(sources) < cfg.num_hospitals:
         raise ConfigError(
             f"federation.partitioning: 'source' needs at least num_hospitals={cfg.num_hospitals} "
-            f"sources, the data has {len(sources)} ({', '.join(sources)})"
+            f"sources, the data has {len(sources)} ({', '.join(sources[:5])}{', ...' if len(sources) > 5 else ''})"
         )
     parts: list[list[int]] = [[] for _ in range(cfg.num_hospitals)]
     for i, source in enumerate(sources):

@@ -68,8 +68,8 @@ def split_by_patient(
     n_val = max(n_val, 1) if validation_fraction > 0 else 0
     if n - n_held - n_val < 1:
         raise DataError(
-            f"a silo of {n} patients cannot give {n_held} held-out and {n_val} validation patients "
-            "and still keep one to train on"
+            f"federation.num_hospitals: a silo of {n} patients cannot give {n_held} held-out and {n_val} "
+            "validation patients and still keep one to train on (fewer hospitals, or more patients)"
         )
     groups = {
         "heldout": patients[:n_held],
@@ -151,6 +151,8 @@ def load_pool(cfg: DataConfig, num_sources: int) -> ImageSet:
     if not cfg.path:
         raise DataError(f"data.path: the '{cfg.source}' loader needs a path")
     kwargs = {"csv_path": cfg.csv_path} if cfg.source == "folder" and cfg.csv_path else {}
+    if cfg.source == "dicom":
+        kwargs = {"unreadable": cfg.unreadable}
     return load_images(cfg.source, cfg.path, cfg.image_size, **kwargs)
 
 
@@ -166,10 +168,14 @@ def check_records(silo: Silo, path: Path) -> None:
     records.json (as written at training time). No file: the hospital keeps its records elsewhere."""
     if not path.exists():
         return
-    recorded = json.loads(path.read_text())["roles"]
+    try:
+        roles = json.loads(path.read_text())["roles"]
+        recorded = {role: [r["hash"] for r in roles[role]] for role in ("member", "heldout")}
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a hospital's records file ({err!r})") from err
     for role in ("member", "heldout"):
-        if [r["hash"] for r in recorded[role]] != silo.role(role).content_hashes():
-            raise ValueError(
+        if recorded[role] != silo.role(role).content_hashes():
+            raise DataError(
                 f"hospital {silo.hospital}: the rebuilt {role} images differ from {path}; "
                 "the data or the code changed since training, so membership labels would be wrong"
             )

@@ -25,6 +25,13 @@ from fedgen.seeding import torch_generator
 from fedgen.tracking import FederationLogger
 
 
+class RunFailed(RuntimeError):
+    """The run stopped without a release, or released less than configured; metrics.json says why."""
+
+    def __init__(self, metrics: Path, message: str):
+        super().__init__(f"{message} (see {metrics})")
+
+
 def finite_mean(values: list[float]) -> float:
     """Mean over the finite values (a hospital with no validation images reports NaN)."""
     finite = [v for v in values if math.isfinite(v)]
@@ -42,9 +49,11 @@ class Coordinator:
             (cfg.federation.num_samples, 1, cfg.data.image_size, cfg.data.image_size),
             generator=torch_generator(cfg.seed, "fixed-noise"),
         )
-        checkpoint = run_dir.latest_checkpoint()
+        checkpoint = run_dir.latest_checkpoint()  # verified against the hashes in metrics.json
         self.start_round = 0
         self.history: list[dict] = []
+        self.checkpoint_hashes: dict[str, str] = dict(run_dir.read_metrics().get("checkpoints", {}))
+        self.accounts: dict[str, dict] = {}  # the hospitals' own ledgers, from the last roll call
         if checkpoint is not None:
             self.unet.load_state_dict(checkpoint["model"])
             self.start_round = int(checkpoint["round"])
@@ -73,6 +82,8 @@ class Coordinator:
             "evaluate": {},
             "failures": [],
             "rejected": [],
+            "spent": {},  # metrics of rejected updates: the hospital spent that epsilon all the same
+            "model_unchanged": False,
         }
         # Progress inside a round: the hospitals train in other processes; the round line follows.
         self.log(f"round {server_round}/{self.cfg.federation.num_rounds}: {sampled} hospital(s) training...")
@@ -87,12 +98,27 @@ class Coordinator:
         self.current["failures"].append({"node": node, "reason": reason[-2000:]})
         self.log(f"  ! a hospital (node {node}) failed this round: {reason.strip().splitlines()[-1][:300]}")
 
-    def record_rejection(self, hospital: int | None, reason: str, node: int | None = None) -> None:
+    def record_rejection(
+        self, hospital: int | None, reason: str, node: int | None = None, spent: dict | None = None
+    ) -> None:
         """A reply dropped before aggregation. `hospital` is what the reply claimed (None if it
-        could not be read); `node` is Flower's id of the SuperNode that sent it."""
+        could not be read); `node` is Flower's id of the SuperNode that sent it; `spent` its
+        readable metrics, whose epsilon counts although the update does not."""
         self.current["rejected"].append({"hospital": hospital, "node": node, "reason": reason})
+        if spent is not None and hospital is not None:
+            self.current["spent"][hospital] = spent
         who = f"hospital {hospital if hospital is not None else '?'}" + (f" (node {node})" if node is not None else "")
         self.log(f"  ! rejected the update of {who}: {reason}")
+
+    def record_model_unchanged(self, usable: int, required: int) -> None:
+        self.current["model_unchanged"] = True
+        self.log(f"  ! {usable} usable update(s), {required} required (federation.min_train_nodes): "
+                 "the global model is unchanged this round")
+
+    def required_updates(self, sampled: int) -> int:
+        """Usable updates a round needs: every sampled hospital unless min_train_nodes says fewer suffice."""
+        wanted = self.cfg.federation.min_train_nodes
+        return min(wanted, sampled) if wanted else sampled
 
     def record_evaluate(self, hospital: int, metrics: dict) -> None:
         self.current["evaluate"][hospital] = metrics
@@ -108,7 +134,8 @@ class Coordinator:
         eps = [m["epsilon"] for m in record["train"].values()]
         record["epsilon_max"] = max(eps) if eps else float("nan")
         self.history.append(record)
-        self.run_dir.save_checkpoint(server_round, self.global_state(), self.history)
+        sha = self.run_dir.save_checkpoint(server_round, self.global_state(), self.history)
+        self.checkpoint_hashes[str(server_round)] = sha
         self.logger.log_round(record)
         every = self.cfg.federation.sample_every
         if every > 0 and (server_round % every == 0 or server_round == self.cfg.federation.num_rounds):
@@ -129,10 +156,13 @@ class Coordinator:
         return sample_images(self.unet, self.scheduler, self.fixed_noise, f.sampling_method, f.sampling_steps, generator=steps)
 
     def ledgers(self) -> dict:
-        """Each hospital's privacy account as it last reported it (the hospital keeps the file)."""
+        """Each hospital's privacy account as it last reported it (the hospital keeps the file),
+        rejected updates included: their epsilon was spent. The last roll call's own reading of a
+        hospital's ledger, when it holds more, is what the hospital spent."""
         latest: dict = {}
         for record in self.history:
-            for h, m in record["train"].items():
+            reported = {**record.get("spent", {}), **record["train"]}
+            for h, m in sorted(reported.items(), key=lambda item: int(item[0])):
                 rounds = latest.setdefault(str(h), {"rounds": []})["rounds"]
                 rounds.append({"round": record["round"], "epsilon": m["epsilon"], "steps": m["steps"]})
                 latest[str(h)].update(
@@ -143,7 +173,39 @@ class Coordinator:
                     total_steps=m["total-steps"],
                     reproducible_noise=bool(m.get("reproducible-noise", 1)),
                 )
+        for h, account in self.accounts.items():
+            if account["steps"] > latest.get(h, {}).get("total_steps", 0):  # spent, never reported
+                entry = latest.setdefault(h, {"rounds": [], "delta": self.cfg.privacy.delta, "noise_multiplier": 0.0,
+                                              "sample_rate": 0.0, "reproducible_noise": self.cfg.privacy.reproducible_noise})
+                entry.update(epsilon=account["epsilon"], total_steps=account["steps"])
         return latest
+
+    def recorded_accounts(self) -> dict[str, dict]:
+        """What the coordinator knows each hospital spent, sent with every instruction so a
+        hospital whose ledger holds less refuses to train (`Hospital.account`)."""
+        return {
+            h: {"steps": v["total_steps"], "epsilon": v["epsilon"], "rounds": [r["round"] for r in v["rounds"]]}
+            for h, v in self.ledgers().items()
+        }
+
+    def lost(self) -> list[str]:
+        """Each hospital (or node) whose update this run lacks, with the rounds and the last reason."""
+        rounds: dict[str, list[int]] = {}
+        reasons: dict[str, str] = {}
+        for record in self.history:
+            for f in record["failures"]:
+                who = f"node {f['node']}"
+                rounds.setdefault(who, []).append(record["round"])
+                reasons[who] = f["reason"].strip().splitlines()[-1][:300] if f["reason"].strip() else "failed"
+            for r in record["rejected"]:
+                who = f"hospital {r['hospital']}" if r["hospital"] is not None else f"node {r['node']}"
+                rounds.setdefault(who, []).append(record["round"])
+                reasons[who] = f"rejected: {r['reason'][:160]}"
+        return [f"{who} in round(s) {', '.join(map(str, rounds[who]))} ({reasons[who]})" for who in rounds]
+
+    def trained_as_configured(self) -> bool:
+        """No round left the global model unchanged for want of usable updates."""
+        return not any(r.get("model_unchanged") for r in self.history)
 
     def summary(self) -> dict:
         ledgers = self.ledgers()
@@ -157,30 +219,45 @@ class Coordinator:
             "val_loss": last.get("val_loss", float("nan")),
             "train_loss": last.get("train_loss", float("nan")),
             "rounds_completed": len(self.history),
+            "rounds_model_unchanged": [r["round"] for r in self.history if r.get("model_unchanged")],
+            "lost": self.lost(),
         }
 
-    def write_metrics(self, status: str) -> None:
+    def write_metrics(self, status: str, error: str = "") -> None:
         write_json(
             self.run_dir.metrics,
             {
                 "status": status,
                 "name": self.cfg.name,
+                **({"error": error} if error else {}),
                 "summary": self.summary(),
                 "history": self.history,
                 "ledgers": self.ledgers(),
+                "checkpoints": self.checkpoint_hashes,  # sha256 of each round's checkpoint file
             },
         )
 
+    def stop(self, status: str, error: str) -> None:
+        """End the run without releasing: the record says why; the caller raises."""
+        self.write_metrics(status=status, error=error)
+        self.logger.close()
+
     def finish(self) -> Path:
-        """Release the global model as a plain diffusers pipeline and close the record."""
+        """Release the global model as a plain diffusers pipeline and close the record.
+        A non-finite model is never released; a run that lost rounds ends 'incomplete'."""
         from diffusers import DDPMPipeline
+
+        if not all(torch.isfinite(v).all() for v in self.unet.state_dict().values()):
+            self.stop("failed", "the global model holds non-finite weights: nothing was released")
+            raise RunFailed(self.run_dir.metrics, "the global model holds non-finite weights: nothing was released")
 
         DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(str(self.run_dir.pipeline))
         summary = self.summary()
         (self.run_dir.pipeline / "README.md").write_text(model_card(self.cfg, summary, read_json(self.run_dir.base)))
         self.logger.log_hparams(self.cfg, summary)
         self.logger.close()
-        self.write_metrics(status="completed")
+        status = "completed" if self.trained_as_configured() else "incomplete"
+        self.write_metrics(status=status)
         return self.run_dir.pipeline
 
 

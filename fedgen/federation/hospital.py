@@ -19,7 +19,7 @@ from fedgen.config import ExperimentConfig
 from fedgen.data.silos import Silo, build_silos
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.model import build_scheduler, build_unet
-from fedgen.privacy.accounting import EpsilonLedger, check_delta, make_plan
+from fedgen.privacy.accounting import EpsilonLedger, LedgerError, check_delta, make_plan
 from fedgen.privacy.dp_sgd import train_locally
 from fedgen.seeding import derive_seed, resolve_device, torch_generator
 from fedgen.trainable import merge_lora, prepare_training
@@ -74,13 +74,39 @@ class Hospital:
             return None
         return EpsilonLedger.open(self.ledger_path, self.cfg.privacy, self.plan)
 
+    def account(self, recorded: dict | None = None) -> dict:
+        """This hospital's privacy account as its ledger holds it, checked against what the
+        coordinator `recorded` of it ({"steps", "rounds", "epsilon"}). The ledger is the authority,
+        but one that holds less than the coordinator saw reported (deleted, or an older copy
+        restored) would restart the epsilon count: refuse before any step is spent."""
+        ledger = self.open_ledger()  # an unreadable or edited ledger raises LedgerError
+        steps, rounds = (ledger.steps, ledger.trained_rounds) if ledger else (0, [])
+        mine = {"hospital": self.silo.hospital, "steps": steps, "epsilon": ledger.epsilon if ledger else 0.0,
+                "rounds": rounds}
+        if ledger is None or not recorded:
+            return mine
+        missing = sorted(set(recorded.get("rounds", [])) - set(rounds))
+        if steps < int(recorded.get("steps", 0)) or missing:
+            state = "is missing" if not self.ledger_path.exists() else "holds less than was spent"
+            raise LedgerError(
+                f"hospital {self.silo.hospital}: its ledger {self.ledger_path} {state}: it records "
+                f"{mine['steps']} steps (epsilon {mine['epsilon']:.3f}) in rounds {mine['rounds']}, "
+                f"the coordinator recorded {recorded.get('steps')} steps (epsilon "
+                f"{float(recorded.get('epsilon', float('nan'))):.3f}) in rounds {recorded.get('rounds')}. "
+                "Refusing to train: the epsilon already spent would be lost. Restore the ledger."
+            )
+        return mine
+
     def _model(self, state: StateDict) -> torch.nn.Module:
         unet = build_unet(self.cfg.model, self.cfg.data.image_size)
         unet.load_state_dict(state)
         return unet.to(self.device)
 
-    def train(self, state: StateDict, server_round: int, proximal_mu: float = 0.0) -> tuple[StateDict, dict]:
+    def train(
+        self, state: StateDict, server_round: int, proximal_mu: float = 0.0, recorded: dict | None = None
+    ) -> tuple[StateDict, dict]:
         """Local training from the global `state`; returns the new state and the metrics to report.
+        `recorded` is what the coordinator recorded of this hospital's account (see `account`).
 
         Asked again for a round it already answered from the same global model (a server that
         restarted mid-round), it re-sends the update it released then: re-releasing the same
@@ -92,6 +118,7 @@ class Hospital:
             last = torch.load(cached, weights_only=False)
             if last["round"] == server_round and last["input"] == fingerprint:
                 return last["state"], last["metrics"]
+        self.account(recorded)
         ledger = self.open_ledger()
         unet = self._model(state)
         seed_parts = (self.cfg.seed, self.silo.hospital, server_round)

@@ -76,4 +76,6 @@ def site_silo(cfg: ExperimentConfig, partition: int, node_config: Mapping):
 
     csv = node_config.get("data-csv")
     kwargs = {"csv_path": str(csv)} if csv and cfg.data.source == "folder" else {}
+    if cfg.data.source == "dicom":
+        kwargs = {"unreadable": cfg.data.unreadable}
     return make_silo(partition, load_images(cfg.data.source, str(path), cfg.data.image_size, **kwargs), cfg)

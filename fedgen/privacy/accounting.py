@@ -19,6 +19,7 @@ Privacy assumptions, stated once:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from fedgen.config import ConfigError, PrivacyConfig
 from fedgen.privacy.randomness import NO_GUARANTEE
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: each file carries the sha256 of its content
 
 
 class LedgerError(RuntimeError):
@@ -63,10 +64,13 @@ class TrainingPlan:
 
 
 def make_plan(num_examples: int, batch_size: int, local_epochs: int, num_rounds: int) -> TrainingPlan:
-    """q = batch_size / N (capped at 1) and ceil(1/q) Poisson steps per epoch (one epoch in expectation)."""
+    """q = batch_size / N and ceil(1/q) Poisson steps per epoch (one epoch in expectation)."""
     if num_examples <= 0:
         raise ConfigError("data: the hospital's training set is empty; nothing to train on")
-    q = min(1.0, batch_size / num_examples)
+    if batch_size > num_examples:  # q above 1: no Poisson sampling, and no accounting that holds
+        raise ConfigError(f"training.batch_size: {batch_size} is more than a silo's {num_examples} training "
+                          f"images (sampling rate q = batch_size / N must be <= 1); use <= {num_examples}")
+    q = batch_size / num_examples
     return TrainingPlan(num_examples, q, math.ceil(1.0 / q), local_epochs, num_rounds)
 
 
@@ -119,6 +123,12 @@ def epsilon_of(history: list[tuple[float, float, int]], accountant: str, delta: 
     acc = create_accountant(accountant)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
+
+
+def _content_hash(ledger: dict) -> str:
+    """sha256 of a ledger's JSON without its own checksum (canonical: sorted keys)."""
+    content = {k: v for k, v in ledger.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -209,12 +219,17 @@ class EpsilonLedger:
         then no guarantee. Rounds recorded before secret noise existed were all reproducible."""
         return any(r.get("reproducible_noise", True) for r in self.rounds)
 
+    @property
+    def trained_rounds(self) -> list[int]:
+        return [int(r["round"]) for r in self.rounds]
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["version"] = LEDGER_VERSION
         d["epsilon"] = self.epsilon
         d["steps"] = self.steps
         d["guarantee"] = NO_GUARANTEE if self.reproducible_noise else "secret noise and sampling"
+        d["sha256"] = _content_hash(d)
         return d
 
     def save(self, path: str | Path) -> None:
@@ -229,8 +244,11 @@ class EpsilonLedger:
     def load(cls, path: str | Path) -> EpsilonLedger:
         try:
             raw = json.loads(Path(path).read_text())
-            if raw.get("version") != LEDGER_VERSION:
+            if raw.get("version") not in (1, LEDGER_VERSION):
                 raise ValueError(f"unknown ledger version {raw.get('version')}")
+            # Version 1 predates checksums; from version 2 an edited ledger does not verify.
+            if raw["version"] > 1 and raw.get("sha256") != _content_hash(raw):
+                raise ValueError("its sha256 does not match its content: it was edited or damaged")
             return cls._from_dict(raw)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise LedgerError(

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedgen.config import ConfigError, load_config
 from fedgen.running.deploy import (
     CONNECTION,
     DeploymentError,
@@ -29,6 +30,7 @@ from fedgen.running.deploy import (
     superlink_command,
     supernode_command,
 )
+from fedgen.running.preflight import check_count, check_writable
 from fedgen.running.processes import ProcessGroup
 from fedgen.running.simulate import executable, flower_environment
 
@@ -50,6 +52,17 @@ def _security(args: argparse.Namespace) -> Path | None:
     return Path(args.ca)
 
 
+def _check_port(port: int, flag: str) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{flag}: a TCP port is 1..65535, got {port}")
+
+
+def _check_exists(paths: list[str], flag: str) -> None:
+    for path in paths:
+        if not Path(path).exists():
+            raise ConfigError(f"{flag}: {path}: no such file or directory")
+
+
 def _foreground(command: list[str], env: dict[str, str], print_only: bool) -> int:
     print(shown(command, env), flush=True)
     if print_only:
@@ -61,6 +74,8 @@ def _foreground(command: list[str], env: dict[str, str], print_only: bool) -> in
 def _certs(args: argparse.Namespace) -> int:
     from fedgen.running.certificates import make_certificates
 
+    check_count(args.nodes, "--nodes", 1)
+    check_writable(args.dir, "dir")
     files = make_certificates(args.dir, args.nodes, args.hosts)
     print(f"wrote a CA, a SuperLink certificate for {', '.join(args.hosts or [])}{', ' if args.hosts else ''}"
           f"127.0.0.1, localhost and {args.nodes} SuperNode key pairs to {files.root}")
@@ -72,6 +87,9 @@ def _certs(args: argparse.Namespace) -> int:
 def _superlink(args: argparse.Namespace) -> int:
     state = Path(args.state).resolve()
     certs = None if args.insecure else Path(args.certs)
+    _check_port(args.port, "--port")
+    if not args.print_only:
+        check_writable(state, "--state")
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     command = superlink_command(certs, args.host, args.port, state / "state.db")
@@ -81,6 +99,7 @@ def _superlink(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
+    _check_exists(args.public_keys, "public_keys")
     ca, home = _security(args), Path(args.flwr_home).resolve()
     if args.print_only:
         env = cli_environment(home, args.superlink, ca)
@@ -95,8 +114,16 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _supernode(args: argparse.Namespace) -> int:
+    check_count(args.num_partitions, "--num-partitions", 1)
+    if not 0 <= args.partition_id < args.num_partitions:
+        raise ConfigError(f"--partition-id: must be in [0, {args.num_partitions - 1}] (--num-partitions "
+                          f"{args.num_partitions}), got {args.partition_id}")
+    _check_port(args.port, "--port")
+    _check_exists([p for p in (args.data_path, args.data_csv) if p], "--data-path/--data-csv")
     ca = _security(args)
     data_dir = Path(args.data_dir).resolve()
+    if not args.print_only:
+        check_writable(data_dir, "--data-dir")
     # Only a local test node (--insecure) lets a run derive its DP noise from the config.
     config = node_config(args.partition_id, args.num_partitions, data_dir, args.data_path, args.data_csv,
                          allow_reproducible_noise=args.insecure)
@@ -111,6 +138,10 @@ def _say(text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_count(args.min_nodes, "--min-nodes", 1)
+    if not args.node_timeout > 0:
+        raise ConfigError(f"--node-timeout: must be > 0 seconds, got {args.node_timeout}")
+    check_writable(load_config(args.overrides).runs_dir, "runs_dir")
     deploy_run(args.overrides, args.superlink, _security(args), args.min_nodes, args.node_timeout,
                args.print_only, echo=_say)
     return 0
@@ -119,6 +150,9 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fedgen.running.loopback import run_demo  # loopback builds on deploy, not on these commands
 
+    check_count(args.nodes, "--nodes", 1)
+    if args.workdir:
+        check_writable(args.workdir, "--workdir")
     run_demo(args.overrides, num_nodes=args.nodes, workdir=args.workdir, namespaces=args.netns)
     return 0
 

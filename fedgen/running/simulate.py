@@ -229,6 +229,11 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
     finally:
         processes.stop(grace=grace)
         shutil.rmtree(work, ignore_errors=True)
+    ended = run_dir.read_metrics()
+    if ended.get("status") in ("refused", "failed", "incomplete"):
+        lost = "".join(f"\n  lost: {line}" for line in ended.get("summary", {}).get("lost", []))
+        why = ended.get("error") or f"round(s) {ended['summary']['rounds_model_unchanged']} had too few usable updates"
+        raise SimulationError(f"the run ended '{ended['status']}': {why}{lost}\nfull log: {log}")
     if status != "finished:completed":
         raise SimulationError(f"the federation ended as '{status}': {details}\nfull log: {log}")
     echo(f"\nresults: {run_dir.root}")
@@ -255,7 +260,7 @@ def stream(command: list[str], processes: ProcessGroup, log: Path, echo, started
                 run_id = int(match.group(1))
                 if started is not None:
                     started.append(run_id)
-            elif clean.startswith(("Error", "❌")) or "Traceback" in clean:
+            elif clean.startswith(("Error", "❌")):  # tracebacks stay in the log
                 echo(clean)
     proc.wait()
     return run_id

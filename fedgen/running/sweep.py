@@ -36,8 +36,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fedgen.config import ConfigError, compose, load_config
+from fedgen.config import ConfigError, check_override_keys, compose, load_config
 from fedgen.run_dir import RunDir, write_json
+from fedgen.running.preflight import check_count, check_writable
 
 RESERVED = ("name", "runs_dir")  # the sweep sets these for each run
 
@@ -89,9 +90,11 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
 def plan(overrides: list[str]) -> Plan:
     """Compose the sweep and every run's config; raise on anything that cannot work."""
     sweep_overrides, common = split_overrides(overrides)
+    check_override_keys(sweep_overrides, SweepConfig(), groups=["sweep"], prefix="sweep.")
     raw = compose(sweep_overrides, config_name="sweep").sweep
     sweep = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SweepConfig), raw))
     assert isinstance(sweep, SweepConfig)
+    _check_steps(sweep)
     for o in common:
         if _key(o) == "name":
             raise ConfigError(
@@ -126,10 +129,24 @@ def plan(overrides: list[str]) -> Plan:
     return Plan(sweep, folder, common, runs)
 
 
+def _check_steps(sweep: SweepConfig) -> None:
+    """The attack and utility settings, checked before the first run trains rather than after."""
+    from attacks.audit import check_attacks
+    from fedgen.evaluation.utility import NEAREST_NEIGHBOURS
+
+    check_attacks(sweep.attack.attacks, "sweep.attack.attacks")
+    check_count(sweep.attack.per_hospital, "sweep.attack.per_hospital", 1)
+    check_count(sweep.attack.samples, "sweep.attack.samples", 0)
+    check_count(sweep.attack.batch_size, "sweep.attack.batch_size", 1)
+    check_count(sweep.utility.num_samples, "sweep.utility.num_samples", NEAREST_NEIGHBOURS + 1)
+    check_count(sweep.utility.batch_size, "sweep.utility.batch_size", 1)
+
+
 def run_sweep(overrides: list[str], command: str | None = None, log=print) -> list[dict]:
     """Train, attack and measure every setting; write sweep.json, tradeoff.png and report.md.
     Returns the rows (status "failed" for each run that failed)."""
     p = plan(overrides)
+    check_writable(p.folder, "runs_dir")
     command = command or " ".join(["fedgen", "sweep", *overrides])
     p.folder.mkdir(parents=True, exist_ok=True)
     from diffusers.utils import logging as diffusers_logging
@@ -307,12 +324,16 @@ def finish(folder: Path, rows: list[dict], common: list[str], command: str) -> N
 def refresh(folder: str | Path) -> Path:
     """Rewrite a finished sweep's reports and figure from its runs' current files (`fedgen report`)."""
     folder = Path(folder)
-    sweep = json.loads((folder / "sweep.json").read_text())
+    try:
+        sweep = json.loads((folder / "sweep.json").read_text())
+        recorded, common, command = sweep["rows"], sweep["common_overrides"], sweep["command"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{folder / 'sweep.json'}: not a fedgen sweep file ({err!r})") from err
     rows = []
-    for row in sweep["rows"]:
+    for row in recorded:
         run = RunDir(folder / row["setting"])
         rows.append(_describe(run, row) if run.is_complete() else row)
-    finish(folder, rows, sweep["common_overrides"], sweep["command"])
+    finish(folder, rows, common, command)
     return folder / "report.md"
 
 
