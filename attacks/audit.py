@@ -3,7 +3,8 @@
 Loads the released pipeline and rebuilds the candidates from the run's records (`targets`), runs
 every membership attack overall (scores calibrated per hospital) and per hospital, a dataset-level test per hospital, empirical
 epsilon lower bounds (and the one-run canary audit when the run has canaries) set against each
-hospital's accountant epsilon, and extraction. Writes `attack.json`, `roc.png`,
+hospital's accountant epsilon, and extraction; the white-box DP-SGD audit's result (`fedgen
+audit-dp`, dp_audit.json) is copied in when the run has one. Writes `attack.json`, `roc.png`,
 `extraction.png`, and adds `attack/...` to the run's TensorBoard.
 """
 
@@ -27,7 +28,7 @@ from fedgen.data.dataset import DataError
 from fedgen.data.silos import build_silos
 from fedgen.diffusion import sample_images
 from fedgen.model import load_released
-from fedgen.run_dir import RunDir, write_json
+from fedgen.run_dir import RunDir, read_json, write_json
 
 
 class AuditAlarm(RuntimeError):
@@ -99,6 +100,8 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         report["hospitals"][h] = _hospital_report(h, scores, candidates, delta, settings, epsilons.get(h, math.inf))
     report["alarms"] = _alarms(overall, report["hospitals"], eps_max)
     report["canary_audit"] = _canary_audit(cfg, unet, scheduler, best, delta, settings, epsilons, progress)
+    if (run.root / "dp_audit.json").exists():  # `fedgen audit-dp`'s white-box audit of the DP-SGD
+        report["dp_audit"] = read_json(run.root / "dp_audit.json")
     for alarm in report["alarms"]:
         log(f"!!! {alarm}")
     report["extraction"], copies = _extraction(cfg, unet, scheduler, training, settings.extraction, progress)

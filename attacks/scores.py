@@ -11,32 +11,7 @@ from typing import Any
 
 import numpy as np
 
-
-def validate_scores(
-    scores: Any, is_member: Any, *, require_both_classes: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (scores float64 (N,), is_member bool (N,)), or raise ValueError on bad input."""
-    s = np.asarray(scores, dtype=np.float64)
-    m = np.asarray(is_member)
-    if s.ndim != 1:
-        raise ValueError(f"scores must be 1-D, got shape {s.shape}")
-    if m.shape != s.shape:
-        raise ValueError(f"scores and labels differ in shape: {s.shape} vs {m.shape}")
-    if s.size == 0:
-        raise ValueError("scores is empty")
-    if m.dtype != np.bool_:
-        if not np.all((m == 0) | (m == 1)):
-            raise ValueError("membership labels must be boolean or 0/1")
-        m = m.astype(bool)
-    bad = np.flatnonzero(~np.isfinite(s))
-    if bad.size:
-        raise ValueError(f"scores contain {bad.size} NaN/inf values (first at index {bad[0]})")
-    n_pos = int(m.sum())
-    if require_both_classes and n_pos in (0, m.size):
-        raise ValueError(
-            f"need both members and non-members, got {n_pos} members of {m.size} scores"
-        )
-    return s, m
+from fedgen.audit_bounds import validate_scores  # the one input check, shared with fedgen's audits
 
 
 def confusion_counts(scores: Any, is_member: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ EPILOG = """examples:
   fedgen simulate privacy=none federation.num_rounds=10 name=nodp
   fedgen pretrain                                   # the public base the demo fine-tunes (cached)
   fedgen attack runs/default                        # how much does the released model leak?
+  fedgen audit-dp runs/default                      # does fedgen's DP-SGD privatise as claimed?
   fedgen sweep                                      # no DP, epsilon 10, 4, 1 side by side
   fedgen sweep sweep.privacy=[none,eps8] federation.num_rounds=10 sweep.name=r10
   fedgen report runs/budgets                        # rewrite a run's or a sweep's report.md
@@ -58,6 +59,20 @@ def _attack(args: argparse.Namespace) -> int:
         settings, extraction=dataclasses.replace(settings.extraction, num_samples=args.samples)
     )
     audit_run(args.run_dir, settings)
+    return 0
+
+
+def _audit_dp(args: argparse.Namespace) -> int:
+    from fedgen.running.dp_audit import DpAuditSettings, audit_run_dp
+    from fedgen.running.preflight import check_count, check_writable
+
+    check_count(args.canaries, "--canaries", 2)
+    check_count(args.images, "--images", 1)
+    check_count(args.hospital, "--hospital", 0)
+    check_writable(args.run_dir, "run_dir")  # dp_audit.json goes there
+    given = {"hospital": args.hospital, "canaries": args.canaries, "images": args.images}
+    settings = DpAuditSettings(**{k: v for k, v in given.items() if v is not None})
+    audit_run_dp(args.run_dir, settings)
     return 0
 
 
@@ -166,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     att.add_argument("--batch-size", type=int, default=64)
     att.set_defaults(run=_attack)
+    adp = commands.add_parser(
+        "audit-dp",
+        help="white-box audit of a run's DP-SGD with gradient canaries (dp_audit.json; fails when broken)",
+    )
+    adp.add_argument("run_dir", help="a run directory, e.g. runs/default")
+    adp.add_argument("--hospital", type=int, help="whose DP-SGD recipe to audit (default 0)")
+    adp.add_argument("--canaries", type=int, help="gradient canaries m (default 8000; more: tighter, slower)")
+    adp.add_argument("--images", type=int, help="synthetic X-rays trained on with the canaries (default 64)")
+    adp.set_defaults(run=_audit_dp)
     sw = commands.add_parser(
         "sweep",
         help="train, attack and measure one federation per privacy setting, and compare them",
@@ -211,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if type(err).__module__.startswith(("hydra", "omegaconf")):  # e.g. a damaged config.yaml
             return _error(str(err).splitlines()[0], 2)
-        if type(err).__name__ in ("SimulationError", "AuditAlarm"):  # a run's summary: a line per lost hospital
+        if type(err).__name__ in ("SimulationError", "AuditAlarm", "DpAuditAlarm"):  # a run's summary: a line per lost hospital
             return _error(str(err), 1, lines=True)
         raise
 

@@ -13,6 +13,7 @@ batch mean.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,24 +53,31 @@ def noisy_step(
     t: torch.Tensor,
     eps: torch.Tensor,
     max_physical_batch_size: int = 0,
+    extra_rows: Sequence[dict[str, torch.Tensor]] = (),
 ) -> torch.Tensor:
     """One DP step on a logical batch: per-example gradients clipped and summed chunk by chunk
     (at most `max_physical_batch_size` images at once; 0: all), then noise added once, scaled and
     accounted: one release, however many chunks. An empty batch is one empty chunk: noise only.
-    Returns the per-example losses [B]."""
+    `extra_rows` (the white-box audit only, `fedgen.privacy.dp_audit`): more chunks of
+    per-example gradient rows {name: [R, *param.shape]}, clipped and summed after the batch's,
+    before the noise. Returns the per-example losses [B] of the images."""
     size = max_physical_batch_size or max(len(x0), 1)
     starts = list(range(0, max(len(x0), 1), size))
+    chunks = len(starts) + len(extra_rows)
     losses = []
-    for i, start in enumerate(starts):
-        chunk = slice(start, start + size)
-        grads, chunk_losses = per_sample_gradients(unet, diffusion, x0[chunk], t[chunk], eps[chunk])
+    for i in range(chunks):
+        if i < len(starts):
+            chunk = slice(starts[i], starts[i] + size)
+            grads, chunk_losses = per_sample_gradients(unet, diffusion, x0[chunk], t[chunk], eps[chunk])
+            losses.append(chunk_losses.detach())
+        else:
+            grads = extra_rows[i - len(starts)]
         for name, p in unet.named_parameters():
             if p.requires_grad:
                 p.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus
-        if i < len(starts) - 1:
+        if i < chunks - 1:
             dp_optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
         dp_optimizer.pre_step()  # the last chunk: clip, accumulate, noise, scale, account
-        losses.append(chunk_losses.detach())
     return torch.cat(losses)
 
 
