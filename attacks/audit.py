@@ -98,6 +98,7 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
     }
     for h in sorted(set(candidates.hospital.tolist())):
         report["hospitals"][h] = _hospital_report(h, scores, candidates, delta, settings, epsilons.get(h, math.inf))
+    report["reversed"] = reversed_statistics(overall)
     report["alarms"] = _alarms(overall, report["hospitals"], eps_max)
     report["canary_audit"] = _canary_audit(cfg, unet, scheduler, best, delta, settings, epsilons, progress)
     if (run.root / "dp_audit.json").exists():  # `fedgen audit-dp`'s white-box audit of the DP-SGD
@@ -109,12 +110,24 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
     for name, r in overall.items():
         log(f"  {name:6s} AUC {r.auc:.3f} [{r.auc_ci[0]:.3f}, {r.auc_ci[1]:.3f}]  TPR@1%FPR {r.tpr_at_1pct_fpr:.3f}  "
             f"epsilon lower bound {r.epsilon_lb_clopper_pearson:.2f} (accountant {eps_max:.2f})")
+    for name, flipped in report["reversed"].items():
+        log(f"  ! {name} runs backwards: its AUC is below chance with 95% confidence, so it carries membership "
+            f"signal in the other direction (flipped AUC {flipped:.3f}); read it as a leak, not as safety")
     ex = report["extraction"]
     log(f"  extraction: {ex['num_flagged']} of {ex['num_samples']} samples flagged as copies")
     log(f"wrote {run.root / 'attack.json'}")
     if report["alarms"]:
         raise AuditAlarm("; ".join(report["alarms"]))
     return report
+
+
+def reversed_statistics(results: dict[str, AttackResult]) -> dict[str, float]:
+    """Attacks whose AUC's confidence interval lies wholly below 0.5, with their flipped AUC.
+    Such a statistic separates members from non-members, only in the direction opposite to the one
+    its paper assumes (PIA on fedgen's small memorising models). Its lower bounds count only the
+    stated direction; choosing the direction on the same candidates would bias them, so the
+    flipped AUC is reported beside the result, not put in its place."""
+    return {n: 1.0 - r.auc for n, r in results.items() if r.auc_ci[1] < 0.5}
 
 
 def _evaluate(name: str, scores: np.ndarray, is_member: np.ndarray, delta: float, s: AuditSettings) -> AttackResult:

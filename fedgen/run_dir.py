@@ -7,6 +7,7 @@ runs/<name>/
   pipeline/                                  the final global model as a diffusers DDPMPipeline
   hospitals/hospital-0/{ledger,records}.json each hospital's epsilon ledger and member/held-out split
   metrics.json                               per-round history and every hospital's ledger
+  privacy.json                               the privacy card: every hospital's (sigma, q, steps) and epsilons
   base.json                                  where round 0's weights came from (model.init, sha256)
   flower.log                                 everything Flower printed
 """
@@ -83,6 +84,7 @@ class RunDir:
     pipeline = property(lambda self: self.root / "pipeline")
     metrics = property(lambda self: self.root / "metrics.json")
     base = property(lambda self: self.root / "base.json")
+    privacy_card = property(lambda self: self.root / "privacy.json")
     flower_log = property(lambda self: self.root / "flower.log")
 
     def hospital_home(self, hospital: int) -> Path:

@@ -200,3 +200,17 @@ def test_bad_parameters_raise() -> None:
         bootstrap_ci(HAND_SCORES, HAND_MEMBER, auc, confidence=1.0)
     with pytest.raises(ValueError, match="same length"):
         RocCurve(fpr=(0.0, 1.0), tpr=(0.0,), thresholds=(math.inf, 0.0))
+
+
+def test_a_statistic_that_runs_backwards_is_reported_with_its_flipped_auc():
+    from attacks.audit import reversed_statistics
+
+    rng = np.random.default_rng(0)
+    is_member = np.repeat([True, False], 200)
+    backwards = np.where(is_member, -1.0, 0.0) + rng.normal(size=400)  # members score lower
+    noise = rng.normal(size=400)
+    results = {name: evaluate_scores(name, s, is_member, delta=1e-5, bootstrap=200)
+               for name, s in (("backwards", backwards), ("chance", noise))}
+    flagged = reversed_statistics(results)
+    assert set(flagged) == {"backwards"}
+    assert flagged["backwards"] == pytest.approx(1 - results["backwards"].auc) and flagged["backwards"] > 0.7

@@ -125,6 +125,9 @@ def test_simulation_trains_accounts_and_releases(tmp_path):
         reported = [r["train"][str(h)]["epsilon"] for r in metrics["history"]]
         assert reported[0] < reported[1] == pytest.approx(ledger.epsilon)
         assert metrics["ledgers"][str(h)]["epsilon"] == pytest.approx(ledger.epsilon)
+        card = json.loads((run / "privacy.json").read_text())["hospitals"][str(h)]
+        assert card["epsilon_recomputed"] == pytest.approx(ledger.epsilon, rel=1e-9)  # from the card's history
+        assert card["steps"] == ledger.steps and card["largest_patient_epsilon"] >= ledger.epsilon
 
     # Anyone can load the release with plain diffusers and generate.
     from diffusers import DDPMPipeline

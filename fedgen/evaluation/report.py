@@ -54,7 +54,7 @@ def write_run_report(run_dir: str | Path, row: dict | None = None) -> Path:
         _summary(row, attack),
         _trained(run, row, metrics),
         starting_point(read_json(run.base)),
-        _guarantee(row, metrics),
+        _guarantee(row, metrics, read_json(run.privacy_card)),
         _utility(row, utility),
         _attacks(row, attack, run.root),
         "## Samples\n\n"
@@ -163,13 +163,21 @@ def _trained(run: RunDir, row: dict, metrics: dict) -> str:
     return "\n\n".join(text)
 
 
-def _guarantee(row: dict, metrics: dict) -> str:
+def _patient(entry: dict) -> str:
+    """The largest patient's epsilon from the privacy card (group privacy), or '-'."""
+    if "largest_patient_epsilon" not in entry:
+        return "-"
+    return f"{fmt(number(entry['largest_patient_epsilon']))} ({entry['largest_patient_images']} images)"
+
+
+def _guarantee(row: dict, metrics: dict, card: dict | None = None) -> str:
     if row["privacy"] != "dp":
         return (
             "## The guarantee\n\nNone. This run trained without differential privacy (no clipping, no "
             "noise): nothing bounds what the model reveals about a training image beyond what the "
             "attacks below happen to find."
         )
+    card = card or {}
     per_hospital = [
         [
             h,
@@ -178,6 +186,7 @@ def _guarantee(row: dict, metrics: dict) -> str:
             fmt(number(v.get("noise_multiplier"))),
             fmt(number(v.get("epsilon"))),
             fmt(number(v.get("delta"))),
+            _patient(card.get("hospitals", {}).get(h, {})),
         ]
         for h, v in sorted(metrics.get("ledgers", {}).items(), key=lambda kv: int(kv[0]))
     ]
@@ -200,16 +209,18 @@ def _guarantee(row: dict, metrics: dict) -> str:
                 if row.get("dp_noise") == "secret" else []
             ),
             markdown_table(
-                ["hospital", "sampling rate q", "steps", "noise multiplier", "epsilon", "delta"],
+                ["hospital", "sampling rate q", "steps", "noise multiplier", "epsilon", "delta",
+                 "largest patient's epsilon"],
                 per_hospital,
             ),
             f"What it means: whatever an attacker knows, when deciding whether one given image was trained on, "
             f"its true-positive rate at a 1% false-positive rate is at most e^epsilon x 1% + delta = "
             f"**{fmt(bound)}** (1 means the bound says nothing at this epsilon).",
             "It covers every update a hospital sent (the coordinator sees them) and so the released model. "
-            "It is per image: a patient with k images in a silo, or an image duplicated k times, is "
-            "protected at roughly k x epsilon. It holds only if the implementation is right; the attacks "
-            "below test that.",
+            "It is per image: a patient with k images in a silo (an image duplicated k times counts as "
+            "k) is protected as a group of k, at the epsilon in the last column (RDP group privacy, "
+            "Mironov 2017; `privacy.json` holds every hospital's (sigma, q, steps) to recompute it). It "
+            "holds only if the implementation is right; the attacks below and `fedgen audit-dp` test that.",
         ]
     )
 
@@ -327,6 +338,9 @@ def _attacks(row: dict, attack: dict, root: Path) -> str:
             if row["epsilon"] is not None
             else "(95% confidence per attack; without DP there is no accountant epsilon to set it against)."
         ),
+        "".join(f"**{n} runs backwards**: its AUC is below chance with 95% confidence, so it does "
+                f"separate members (flipped AUC {fmt(v)}): a leak signal, not evidence of safety. "
+                for n, v in attack.get("reversed", {}).items()),
         ("**ALARMS:** " + "; ".join(alarms))
         if alarms
         else "No alarm: no lower bound exceeds the accountant's epsilon."

@@ -20,6 +20,7 @@ from fedgen.config import ExperimentConfig
 from fedgen.diffusion import sample_images
 from fedgen.federation.update_checks import StateDict, update_problem
 from fedgen.model import build_scheduler
+from fedgen.privacy.privacy_card import privacy_card
 from fedgen.run_dir import RunDir, read_json, write_json
 from fedgen.seeding import torch_generator
 from fedgen.tracking import FederationLogger
@@ -157,27 +158,33 @@ class Coordinator:
 
     def ledgers(self) -> dict:
         """Each hospital's privacy account as it last reported it (the hospital keeps the file),
-        rejected updates included: their epsilon was spent. The last roll call's own reading of a
-        hospital's ledger, when it holds more, is what the hospital spent."""
+        rejected updates included: their epsilon was spent. `history` is the composition
+        [(sigma, q, steps)] per round. The last roll call's own reading of a hospital's ledger,
+        when it holds more steps than were reported, is what the hospital spent."""
         latest: dict = {}
         for record in self.history:
             reported = {**record.get("spent", {}), **record["train"]}
             for h, m in sorted(reported.items(), key=lambda item: int(item[0])):
-                rounds = latest.setdefault(str(h), {"rounds": []})["rounds"]
-                rounds.append({"round": record["round"], "epsilon": m["epsilon"], "steps": m["steps"]})
-                latest[str(h)].update(
+                entry = latest.setdefault(str(h), {"rounds": [], "history": []})
+                entry["rounds"].append({"round": record["round"], "epsilon": m["epsilon"], "steps": m["steps"]})
+                entry["history"].append([m["noise-multiplier"], m["sample-rate"], int(m["steps"])])
+                entry.update(
                     epsilon=m["epsilon"],
                     delta=m["delta"],
                     noise_multiplier=m["noise-multiplier"],
                     sample_rate=m["sample-rate"],
                     total_steps=m["total-steps"],
                     reproducible_noise=bool(m.get("reproducible-noise", 1)),
+                    largest_patient=int(m.get("largest-patient", 1)),
                 )
         for h, account in self.accounts.items():
-            if account["steps"] > latest.get(h, {}).get("total_steps", 0):  # spent, never reported
-                entry = latest.setdefault(h, {"rounds": [], "delta": self.cfg.privacy.delta, "noise_multiplier": 0.0,
-                                              "sample_rate": 0.0, "reproducible_noise": self.cfg.privacy.reproducible_noise})
-                entry.update(epsilon=account["epsilon"], total_steps=account["steps"])
+            unreported = int(account["steps"]) - latest.get(h, {}).get("total_steps", 0)
+            if unreported > 0:  # spent, never reported (a reply lost after the ledger was saved)
+                entry = latest.setdefault(h, {"rounds": [], "history": [], "delta": self.cfg.privacy.delta,
+                                              "reproducible_noise": self.cfg.privacy.reproducible_noise})
+                entry["history"].append([account["noise-multiplier"], account["sample-rate"], unreported])
+                entry.update(epsilon=account["epsilon"], total_steps=account["steps"],
+                             noise_multiplier=account["noise-multiplier"], sample_rate=account["sample-rate"])
         return latest
 
     def recorded_accounts(self) -> dict[str, dict]:
@@ -224,6 +231,8 @@ class Coordinator:
         }
 
     def write_metrics(self, status: str, error: str = "") -> None:
+        ledgers = self.ledgers()
+        write_json(self.run_dir.privacy_card, privacy_card(self.cfg.privacy.enabled, self.cfg.privacy.accountant, ledgers))
         write_json(
             self.run_dir.metrics,
             {
@@ -232,7 +241,7 @@ class Coordinator:
                 **({"error": error} if error else {}),
                 "summary": self.summary(),
                 "history": self.history,
-                "ledgers": self.ledgers(),
+                "ledgers": ledgers,
                 "checkpoints": self.checkpoint_hashes,  # sha256 of each round's checkpoint file
             },
         )

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedgen.base_model import weights_hash
@@ -66,6 +67,11 @@ class Hospital:
             records.write_text(json.dumps(silo.records(), indent=1))
 
     @property
+    def largest_patient(self) -> int:
+        _, counts = np.unique(np.asarray(self.silo.train.patient_ids), return_counts=True)
+        return int(counts.max()) if len(counts) else 1
+
+    @property
     def ledger_path(self) -> Path:
         return self.home / "ledger.json"
 
@@ -82,7 +88,8 @@ class Hospital:
         ledger = self.open_ledger()  # an unreadable or edited ledger raises LedgerError
         steps, rounds = (ledger.steps, ledger.trained_rounds) if ledger else (0, [])
         mine = {"hospital": self.silo.hospital, "steps": steps, "epsilon": ledger.epsilon if ledger else 0.0,
-                "rounds": rounds}
+                "rounds": rounds, "noise-multiplier": ledger.noise_multiplier if ledger else 0.0,
+                "sample-rate": self.plan.sample_rate}
         if ledger is None or not recorded:
             return mine
         missing = sorted(set(recorded.get("rounds", [])) - set(rounds))
@@ -148,6 +155,9 @@ class Hospital:
             "total-steps": ledger.steps if ledger else result.steps,
             # 1: this hospital's noise and sampling were derived from the config (no guarantee).
             "reproducible-noise": int(ledger.reproducible_noise) if ledger else 0,
+            # Training images of the patient with the most (duplicates included): the privacy
+            # card states that patient's epsilon (group privacy), see `privacy_card`.
+            "largest-patient": self.largest_patient,
             "train-seconds": result.seconds,
             "train-cpu-seconds": result.cpu_seconds,
         }

@@ -16,6 +16,7 @@ StateDict = dict[str, torch.Tensor]
 TRAIN_METRIC_KEYS = frozenset({
     "hospital", "num-examples", "train-loss", "epsilon", "delta", "noise-multiplier",
     "sample-rate", "steps", "total-steps", "train-seconds", "train-cpu-seconds", "reproducible-noise",
+    "largest-patient",
 })
 EVALUATE_METRIC_KEYS = frozenset({"hospital", "num-examples", "val-loss"})
 
