@@ -70,6 +70,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0  # per-example clipping bound C
     noise_multiplier: float | None = None  # set to skip calibration; must still fit the budget
     accountant: str = "rdp"  # rdp | prv (Opacus accountants; gdp is an approximation, not a bound)
+    # What one DP "example" is: an image, or a patient (all its images sampled, clipped and noised
+    # as one: Poisson sampling of patients with q = batch_size / patients).
+    unit: str = "example"  # example | patient
     # True derives the DP noise and Poisson sampling from the seed, which every party can read:
     # NO guarantee (tests, debugging). False (default): secret, from the OS's CSPRNG.
     reproducible_noise: bool = False
@@ -325,6 +328,7 @@ def validate(cfg: ExperimentConfig) -> None:
             f"must be > 0 (or null to calibrate), got {p.noise_multiplier}",
         )
         _require(p.accountant in ("rdp", "prv"), "privacy.accountant", f"unknown '{p.accountant}'")
+        _require(p.unit in ("example", "patient"), "privacy.unit", f"unknown '{p.unit}'; known: example, patient")
     _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
     _require(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
     _require(t.noise_multiplicity >= 1, "training.noise_multiplicity", "must be >= 1")

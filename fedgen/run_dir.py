@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fedgen.base_model import weights_hash
 from fedgen.config import ConfigError, ExperimentConfig, to_config
 
 CHECKPOINT_GLOB = "round-*.pt"
@@ -97,45 +98,49 @@ class RunDir:
         return self.checkpoints / f"round-{server_round:04d}.pt"
 
     def save_checkpoint(self, server_round: int, state: dict, history: list[dict]) -> str:
-        """Write the round's checkpoint; returns its sha256, which metrics.json records."""
+        """Write the round's checkpoint, carrying the sha256 of its weights; returns the file's
+        sha256, which metrics.json records."""
         path = self.checkpoint_path(server_round)
-        save_torch(path, {"round": server_round, "model": state, "history": history})
+        save_torch(path, {"round": server_round, "model": state, "history": history,
+                          "weights_sha256": weights_hash(state)})
         return file_sha256(path)
 
     def latest_checkpoint(self) -> dict | None:
-        """The last checkpoint ({'round', 'model', 'history'}) that metrics.json vouches for, or
-        None before round 1. One written just before a crash, with no hash on record yet, is
-        passed over (its round is trained again: hospitals re-send the update they released).
-        One whose hash does not match, that does not load, or that holds non-finite weights is
-        refused, naming the file: resuming from it would train every hospital on garbage."""
-        found = sorted(self.checkpoints.glob(CHECKPOINT_GLOB), reverse=True)
+        """The last checkpoint ({'round', 'model', 'history'}), verified, or None before round 1.
+        It must load, its weights must match the hash it carries and be finite, and the file must
+        match the hash metrics.json recorded for it (a checkpoint written just before a crash may
+        have none there yet: it verifies by the hash it carries). Otherwise it is refused, naming
+        the file: resuming from it would train every hospital on garbage."""
+        found = sorted(self.checkpoints.glob(CHECKPOINT_GLOB))
         if not found:
             return None
+        path = found[-1]
         try:
             metrics = self.read_metrics()
         except ValueError as err:
             raise CheckpointError(f"{self.metrics}: unreadable ({err}); it holds the checkpoints' hashes") from err
-        if self.metrics.exists() and "checkpoints" not in metrics:
-            raise CheckpointError(f"{self.metrics}: no checkpoint hashes (written by an older fedgen): "
-                                  f"{found[0]} cannot be verified; start a new run (name=...)")
-        hashes = metrics.get("checkpoints", {})
-        for path in found:
-            recorded = hashes.get(str(int(path.stem.split("-")[1])))
-            if recorded is None:
-                continue
-            if file_sha256(path) != recorded:
-                raise CheckpointError(f"{path}: its sha256 does not match the one in {self.metrics.name} "
-                                      "(truncated or modified); refusing to resume from it")
-            try:
-                checkpoint = torch.load(path, weights_only=False)
-            except Exception as err:  # a file that verifies but will not load: say which
-                raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-            bad = [k for k, v in checkpoint["model"].items() if not torch.isfinite(v).all()]
-            if bad:
-                raise CheckpointError(f"{path}: non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}; "
-                                      "refusing to resume from it")
-            return checkpoint
-        return None
+        recorded = metrics.get("checkpoints", {}).get(str(int(path.stem.split("-")[1])))
+        if recorded is not None and file_sha256(path) != recorded:
+            raise CheckpointError(f"{path}: its sha256 does not match the one in {self.metrics.name} "
+                                  "(truncated or modified); refusing to resume from it")
+        try:
+            checkpoint = torch.load(path, weights_only=False)
+            carried = checkpoint.get("weights_sha256")
+            model = checkpoint["model"]
+        except Exception as err:  # truncated, or not a checkpoint at all: say which file
+            raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err}); "
+                                  "refusing to resume from it") from err
+        if carried is None:
+            raise CheckpointError(f"{path}: carries no weights hash (written by an older fedgen): it "
+                                  "cannot be verified; start a new run (name=...)")
+        bad = [k for k, v in model.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{path}: non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                                  "refusing to resume from it")
+        if weights_hash(model) != carried:
+            raise CheckpointError(f"{path}: its weights do not match the hash it carries (modified); "
+                                  "refusing to resume from it")
+        return checkpoint
 
     def experiment_config(self) -> ExperimentConfig:
         """The resolved config the run was trained with (config.yaml)."""

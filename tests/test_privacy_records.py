@@ -137,20 +137,34 @@ def test_checkpoints_verify_before_a_resume(tmp_path):
     state = build_unet(cfg.model, cfg.data.image_size).state_dict()
     run = _checkpointed(tmp_path, state)
     assert run.latest_checkpoint()["round"] == 1
-    run.save_checkpoint(2, state, [])  # written just before a crash: no hash on record yet
-    assert run.latest_checkpoint()["round"] == 1  # passed over; round 2 is trained again
+    run.save_checkpoint(2, state, [])  # written just before a crash: no hash in metrics.json yet
+    assert run.latest_checkpoint()["round"] == 2  # it verifies by the hash it carries
 
-    path = run.checkpoint_path(1)
+    path = run.checkpoint_path(2)
     path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError, match=r"round-0002.pt: unreadable checkpoint"):
+        run.latest_checkpoint()
+    path.unlink()
+    path = run.checkpoint_path(1)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")  # modified on disk
     with pytest.raises(CheckpointError, match=r"round-0001.pt: its sha256 does not match"):
         run.latest_checkpoint()
 
     nan = {k: torch.full_like(v, float("nan")) if torch.is_floating_point(v) else v for k, v in state.items()}
-    run = _checkpointed(tmp_path / "nan", nan)  # its hash is on record, its weights are NaN
+    run = _checkpointed(tmp_path / "nan", nan)  # its hashes are on record, its weights are NaN
     with pytest.raises(CheckpointError, match="non-finite weights"):
         run.latest_checkpoint()
 
-    old = _checkpointed(tmp_path / "old", state)
-    write_json(old.metrics, {"status": "running"})  # an older fedgen recorded no hashes
-    with pytest.raises(CheckpointError, match="no checkpoint hashes"):
+    edited = RunDir(tmp_path / "edited")  # weights replaced, file hash never recorded
+    edited.save_checkpoint(1, state, [])
+    saved = torch.load(edited.checkpoint_path(1), weights_only=False)
+    saved["model"] = shifted(state, 1e-3)
+    torch.save(saved, edited.checkpoint_path(1))
+    with pytest.raises(CheckpointError, match="do not match the hash it carries"):
+        edited.latest_checkpoint()
+
+    old = RunDir(tmp_path / "old")  # an older fedgen's checkpoint carries no hash
+    old.checkpoints.mkdir(parents=True)
+    torch.save({"round": 1, "model": state, "history": []}, old.checkpoint_path(1))
+    with pytest.raises(CheckpointError, match="carries no weights hash"):
         old.latest_checkpoint()

@@ -232,7 +232,8 @@ class Coordinator:
 
     def write_metrics(self, status: str, error: str = "") -> None:
         ledgers = self.ledgers()
-        write_json(self.run_dir.privacy_card, privacy_card(self.cfg.privacy.enabled, self.cfg.privacy.accountant, ledgers))
+        write_json(self.run_dir.privacy_card, privacy_card(self.cfg.privacy.enabled, self.cfg.privacy.accountant, ledgers,
+                                                            self.cfg.privacy.unit))
         write_json(
             self.run_dir.metrics,
             {

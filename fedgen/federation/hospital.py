@@ -21,7 +21,7 @@ from fedgen.data.silos import Silo, build_silos
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.model import build_scheduler, build_unet
 from fedgen.privacy.accounting import EpsilonLedger, LedgerError, check_delta, make_plan
-from fedgen.privacy.dp_sgd import train_locally
+from fedgen.privacy.dp_sgd import privacy_units, train_locally, unit_count
 from fedgen.seeding import derive_seed, resolve_device, torch_generator
 from fedgen.trainable import merge_lora, prepare_training
 
@@ -56,9 +56,12 @@ class Hospital:
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         fed = cfg.federation
-        self.plan = make_plan(len(silo.train), cfg.training.batch_size, fed.local_epochs, fed.num_rounds)
+        # Patient-level DP samples, clips and counts patients: the plan is over them.
+        self.units = privacy_units(silo.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None
+        num_units = unit_count(self.units, len(silo.train))
+        self.plan = make_plan(num_units, cfg.training.batch_size, fed.local_epochs, fed.num_rounds)
         if cfg.privacy.enabled:
-            check_delta(cfg.privacy.delta, len(silo.train))
+            check_delta(cfg.privacy.delta, num_units)
         self.device = resolve_device(cfg.training.device)
         self.scheduler = build_scheduler(cfg.model)
         self.diffusion = Diffusion(self.scheduler)
@@ -140,6 +143,7 @@ class Hospital:
             seed_parts=seed_parts,
             server_round=server_round,
             proximal_mu=proximal_mu,
+            groups=self.units,
         )
         merge_lora(unet)  # the server averages, and releases, plain UNet weights
         new_state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}

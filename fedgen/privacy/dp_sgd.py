@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -54,24 +55,30 @@ def noisy_step(
     eps: torch.Tensor,
     max_physical_batch_size: int = 0,
     extra_rows: Sequence[dict[str, torch.Tensor]] = (),
+    group_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One DP step on a logical batch: per-example gradients clipped and summed chunk by chunk
     (at most `max_physical_batch_size` images at once; 0: all), then noise added once, scaled and
     accounted: one release, however many chunks. An empty batch is one empty chunk: noise only.
     `extra_rows` (the white-box audit only, `fedgen.privacy.dp_audit`): more chunks of
     per-example gradient rows {name: [R, *param.shape]}, clipped and summed after the batch's,
-    before the noise. Returns the per-example losses [B] of the images."""
+    before the noise. `group_of` [B] (patient-level DP): the unit of each image, contiguous and
+    sorted; a unit's rows are summed before clipping, so a patient contributes at most C however
+    many images it has. Returns the per-example losses [B] of the images."""
     size = max_physical_batch_size or max(len(x0), 1)
-    starts = list(range(0, max(len(x0), 1), size))
-    chunks = len(starts) + len(extra_rows)
+    slices = group_chunks(group_of, size) if group_of is not None and len(x0) else [
+        slice(start, start + size) for start in range(0, max(len(x0), 1), size)]
+    chunks = len(slices) + len(extra_rows)
     losses = []
     for i in range(chunks):
-        if i < len(starts):
-            chunk = slice(starts[i], starts[i] + size)
+        if i < len(slices):
+            chunk = slices[i]
             grads, chunk_losses = per_sample_gradients(unet, diffusion, x0[chunk], t[chunk], eps[chunk])
             losses.append(chunk_losses.detach())
+            if group_of is not None and len(x0):
+                grads = sum_by_group(grads, group_of[chunk])
         else:
-            grads = extra_rows[i - len(starts)]
+            grads = extra_rows[i - len(slices)]
         for name, p in unet.named_parameters():
             if p.requires_grad:
                 p.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus
@@ -79,6 +86,48 @@ def noisy_step(
             dp_optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
         dp_optimizer.pre_step()  # the last chunk: clip, accumulate, noise, scale, account
     return torch.cat(losses)
+
+
+def group_chunks(group_of: torch.Tensor, size: int) -> list[slice]:
+    """Consecutive slices of a batch sorted by unit, at most `size` images each (a unit larger than
+    `size` goes alone), never splitting a unit: its rows must be summed before one clipping."""
+    unit_ends = (torch.nonzero(group_of[1:] != group_of[:-1]).flatten() + 1).tolist() + [len(group_of)]
+    slices, start, last = [], 0, 0
+    for end in unit_ends:
+        if end - start > size and last > start:  # this unit would overflow the chunk: close it
+            slices.append(slice(start, last))
+            start = last
+        last = end
+    slices.append(slice(start, len(group_of)))
+    return slices
+
+
+def sum_by_group(grads: dict[str, torch.Tensor], group_of: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example rows [B, ...] to per-unit rows [U, ...]: the sum of each unit's examples."""
+    local = group_of - group_of[0]
+    units = int(local[-1]) + 1
+    return {name: g.new_zeros((units, *g.shape[1:])).index_add_(0, local, g) for name, g in grads.items()}
+
+
+def privacy_units(patient_ids, unit: str) -> torch.Tensor | None:
+    """The DP unit of each training image: None for example-level DP (each image its own unit);
+    for patient-level, the patient's index (0..patients-1), shared by all its images."""
+    if unit == "example":
+        return None
+    _, inverse = np.unique(np.asarray(patient_ids), return_inverse=True)
+    return torch.from_numpy(inverse.reshape(-1)).long()
+
+
+def unit_count(groups: torch.Tensor | None, num_images: int) -> int:
+    """How many units Poisson sampling draws from: patients, or images."""
+    return num_images if groups is None else (int(groups.max()) + 1 if len(groups) else 0)
+
+
+def units_to_images(groups: torch.Tensor, num_units: int) -> list[torch.Tensor]:
+    """The image indices of each unit (patient), from the unit index of every image."""
+    order = torch.argsort(groups, stable=True)
+    counts = torch.bincount(groups, minlength=num_units).tolist()
+    return list(torch.split(order, counts))
 
 
 def train_locally(
@@ -92,8 +141,13 @@ def train_locally(
     server_round: int = 1,
     proximal_mu: float = 0.0,
     progress: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> LocalTrainingResult:
     """Run `plan.steps_per_round` Poisson-sampled steps on `images` [N,1,H,W] (on unet's device).
+
+    `groups` [N] (patient-level DP): the unit (0..plan.num_examples-1) of each image. Units are
+    Poisson-sampled, all of a sampled unit's images join the batch, and DP clips each unit's summed
+    gradient (`noisy_step`). None: each image is its own unit.
 
     DP mode needs a `ledger`: its budget is checked before the first step (BudgetExceededError),
     its accountant history continues here, and it is updated (not saved) at the end; the caller
@@ -135,14 +189,22 @@ def train_locally(
     loss_sum, loss_count, taken = 0.0, 0, 0
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=steps, desc=f"round {server_round} local", disable=not progress, leave=False)
+    unit_images = units_to_images(groups, plan.num_examples) if groups is not None else None
+    group_of = None
     for _ in range(plan.local_epochs):
         for index in poisson_batches(plan.num_examples, plan.sample_rate, plan.steps_per_epoch, randomness):
+            if unit_images is not None:  # sampled units -> their images, grouped contiguously
+                members = [unit_images[u] for u in index.tolist()]
+                group_of = torch.repeat_interleave(torch.arange(len(members)),
+                                                   torch.tensor([len(m) for m in members], dtype=torch.long))
+                index = torch.cat(members) if members else index
             x0 = images[index].to(device)
             t, eps = diffusion.draw(x0.cpu(), k, generator=gen)
             t, eps = t.to(device), eps.to(device)
             (dp_optimizer or base_optimizer).zero_grad(set_to_none=True)
             if dp_optimizer is not None:
-                losses = noisy_step(dp_optimizer, unet, diffusion, x0, t, eps, cfg.training.max_physical_batch_size)
+                losses = noisy_step(dp_optimizer, unet, diffusion, x0, t, eps, cfg.training.max_physical_batch_size,
+                                    group_of=group_of)
             elif len(index) > 0:
                 losses = diffusion.per_example_loss(denoiser, x0, t, eps)
                 losses.mean().backward()

@@ -41,13 +41,14 @@ def group_epsilon(history: list[tuple[float, float, int]], group_size: int, delt
     return float(epsilon)
 
 
-def hospital_card(ledger: dict, accountant: str) -> dict:
+def hospital_card(ledger: dict, accountant: str, unit: str = "example") -> dict:
     """One hospital's entry from the coordinator's record of its ledger (`Coordinator.ledgers`)."""
     history = [(float(s), float(q), int(n)) for s, q, n in ledger["history"]]
     delta = float(ledger["delta"])
-    largest = int(ledger.get("largest_patient", 1))
+    # Patient-level DP protects a whole patient at epsilon: the group is one unit.
+    largest = int(ledger.get("largest_patient", 1)) if unit == "example" else 1
     return {
-        "unit": "example (one training image)",
+        "unit": "patient (all of one patient's training images)" if unit == "patient" else "example (one training image)",
         "epsilon": ledger["epsilon"],
         "epsilon_recomputed": epsilon_of(history, accountant, delta),
         "delta": delta,
@@ -62,12 +63,12 @@ def hospital_card(ledger: dict, accountant: str) -> dict:
     }
 
 
-def privacy_card(enabled: bool, accountant: str, ledgers: dict) -> dict:
+def privacy_card(enabled: bool, accountant: str, ledgers: dict, unit: str = "example") -> dict:
     if not enabled:
         return {"version": CARD_VERSION, "dp": False, "hospitals": {}}
     return {
         "version": CARD_VERSION,
         "dp": True,
-        "level": "example-level DP-SGD at each hospital (no hospital-level noise)",
-        "hospitals": {h: hospital_card(v, accountant) for h, v in ledgers.items() if v.get("history")},
+        "level": f"{unit}-level DP-SGD at each hospital (no hospital-level noise)",
+        "hospitals": {h: hospital_card(v, accountant, unit) for h, v in ledgers.items() if v.get("history")},
     }

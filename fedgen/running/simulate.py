@@ -92,14 +92,17 @@ def plan_table(cfg: ExperimentConfig) -> list[dict]:
     Flower process starts (delta >= 1/N, an empty silo, a budget no noise can meet)."""
     from fedgen.data.silos import build_silos
     from fedgen.privacy.accounting import EpsilonLedger, make_plan
+    from fedgen.privacy.dp_sgd import privacy_units, unit_count
 
     rows = []
     for silo in build_silos(cfg):
         fed = cfg.federation
-        plan = make_plan(len(silo.train), cfg.training.batch_size, fed.local_epochs, fed.num_rounds)
+        units = privacy_units(silo.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None
+        plan = make_plan(unit_count(units, len(silo.train)), cfg.training.batch_size, fed.local_epochs, fed.num_rounds)
         row = {
             "hospital": silo.hospital,
             "train": len(silo.train),
+            "per": "per patient" if units is not None else "",
             "heldout": len(silo.heldout),
             "validation": len(silo.validation),
             "q": plan.sample_rate,
@@ -172,7 +175,7 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
     for row in rows:
         sigma = f", sigma {row['sigma']:.3f}" if "sigma" in row else ""
         echo(f"  hospital {row['hospital']}: {row['train']} training images "
-             f"({row['heldout']} held out, {row['validation']} validation), q {row['q']:.3f}, "
+             f"({row['heldout']} held out, {row['validation']} validation), q {row['q']:.3f}{' ' + row['per'] if row['per'] else ''}, "
              f"{row['steps']} planned steps{sigma}")
     if prepare_run_dir(run_dir, cfg, overrides, argv or sys.argv):
         echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
