@@ -15,8 +15,8 @@ from test_update_checks import TINY, good_metrics
 
 from fedgen.config import load_config
 from fedgen.federation.coordinator import Coordinator
+from fedgen.group_privacy import group_epsilon
 from fedgen.privacy.accounting import epsilon_of
-from fedgen.privacy.privacy_card import group_epsilon
 from fedgen.run_dir import RunDir
 
 SIGMA, Q, STEPS, DELTA = 2.593, 0.492, 12, 1e-5  # the default demo's plan, 12 steps a round
@@ -101,3 +101,24 @@ def test_group_epsilon_grows_with_the_group():
     assert sizes[0] < sizes[1] < sizes[2] == sizes[3] < sizes[4]  # 3 and 4 are both a group of 4
     with pytest.raises(ValueError):
         group_epsilon(history, 0, DELTA)
+
+
+def test_duplicated_members_are_held_to_their_group_epsilon(tmp_path):
+    from attacks.audit import _alarms, alarm_epsilon
+    from fedgen.run_dir import write_json
+
+    run = RunDir(tmp_path / "dup")
+    history = [[SIGMA, Q, 3 * STEPS]]
+    example = epsilon_of([tuple(history[0])], "rdp", DELTA)
+    write_json(run.privacy_card, {"hospitals": {"0": {"history": history, "delta": DELTA},
+                                                "1": {"history": history, "delta": DELTA}}})
+    write_json(run.hospital_home(0) / "records.json", {"duplicated": {"abc": 3, "def": 1}})  # 4 copies
+    write_json(run.hospital_home(1) / "records.json", {"duplicated": {}})
+    dup, plain = alarm_epsilon(run, 0, example), alarm_epsilon(run, 1, example)
+    assert dup["copies"] == 4 and dup["alarm_epsilon"] == pytest.approx(group_epsilon(history, 4, DELTA))
+    assert plain == {"copies": 1, "alarm_epsilon": example}
+    between = (example + dup["alarm_epsilon"]) / 2  # above the per-example epsilon, below the group's
+    hospitals = {0: {"epsilon_lb": between, "accountant_epsilon": example, **dup},
+                 1: {"epsilon_lb": between, "accountant_epsilon": example, **plain}}
+    alarms = _alarms({}, hospitals, example)
+    assert len(alarms) == 1 and alarms[0].startswith("hospital 1")
