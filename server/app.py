@@ -111,6 +111,11 @@ class Reporting:
         return super().aggregate_evaluate(server_round, usable)  # type: ignore[misc]
 
 
+def nodes_wanted(fed) -> int:
+    """Connected hospitals to wait for before a round (0 in min_train_nodes: all of them)."""
+    return max(fed.min_available_nodes, fed.min_train_nodes or fed.num_hospitals)
+
+
 def make_strategy(cfg: ExperimentConfig, coordinator: Coordinator):
     fed = cfg.federation
     base = STRATEGIES[fed.strategy]
@@ -119,8 +124,7 @@ def make_strategy(cfg: ExperimentConfig, coordinator: Coordinator):
         fraction_evaluate=1.0 if cfg.data.validation_fraction > 0 else 0.0,
         min_train_nodes=max(1, fed.min_train_nodes),
         min_evaluate_nodes=max(1, fed.min_train_nodes),
-        # 0 (every hospital needed): wait until all are connected before sampling.
-        min_available_nodes=max(fed.min_available_nodes, fed.min_train_nodes or fed.num_hospitals),
+        min_available_nodes=nodes_wanted(fed),
     )
     if fed.strategy == "fedprox":
         kwargs["proximal_mu"] = fed.proximal_mu
@@ -138,7 +142,7 @@ def roll_call(grid: Grid, coordinator: Coordinator, wait: bool) -> tuple[dict[st
     Returns (accounts by hospital, refusals). With `wait`, first waits up to round_timeout until
     as many hospitals are connected as a round needs."""
     fed = coordinator.cfg.federation
-    wanted = max(fed.min_available_nodes, fed.min_train_nodes or fed.num_hospitals)
+    wanted = nodes_wanted(fed)
     deadline = time.monotonic() + (fed.round_timeout if wait else 0.0)
     nodes = list(grid.get_node_ids())
     while len(nodes) < wanted and time.monotonic() < deadline:

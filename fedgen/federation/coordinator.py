@@ -50,7 +50,7 @@ class Coordinator:
             (cfg.federation.num_samples, 1, cfg.data.image_size, cfg.data.image_size),
             generator=torch_generator(cfg.seed, "fixed-noise"),
         )
-        checkpoint = run_dir.latest_checkpoint()  # verified against the hashes in metrics.json
+        checkpoint = run_dir.latest_checkpoint()  # verified: its own weights hash, metrics.json's file hash
         self.start_round = 0
         self.history: list[dict] = []
         self.checkpoint_hashes: dict[str, str] = dict(run_dir.read_metrics().get("checkpoints", {}))
@@ -258,8 +258,9 @@ class Coordinator:
         from diffusers import DDPMPipeline
 
         if not all(torch.isfinite(v).all() for v in self.unet.state_dict().values()):
-            self.stop("failed", "the global model holds non-finite weights: nothing was released")
-            raise RunFailed(self.run_dir.metrics, "the global model holds non-finite weights: nothing was released")
+            error = "the global model holds non-finite weights: nothing was released"
+            self.stop("failed", error)
+            raise RunFailed(self.run_dir.metrics, error)
 
         DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(str(self.run_dir.pipeline))
         summary = self.summary()

@@ -85,10 +85,13 @@ class Hospital:
 
     def account(self, recorded: dict | None = None) -> dict:
         """This hospital's privacy account as its ledger holds it, checked against what the
-        coordinator `recorded` of it ({"steps", "rounds", "epsilon"}). The ledger is the authority,
-        but one that holds less than the coordinator saw reported (deleted, or an older copy
-        restored) would restart the epsilon count: refuse before any step is spent."""
-        ledger = self.open_ledger()  # an unreadable or edited ledger raises LedgerError
+        coordinator `recorded` of it ({"steps", "rounds", "epsilon"}): see `_checked`."""
+        return self._checked(self.open_ledger(), recorded)  # an unreadable or edited ledger raises
+
+    def _checked(self, ledger: EpsilonLedger | None, recorded: dict | None) -> dict:
+        """The ledger is the authority, but one that holds less than the coordinator saw reported
+        (deleted, or an older copy restored) would restart the epsilon count: refuse before any
+        step is spent."""
         steps, rounds = (ledger.steps, ledger.trained_rounds) if ledger else (0, [])
         mine = {"hospital": self.silo.hospital, "steps": steps, "epsilon": ledger.epsilon if ledger else 0.0,
                 "rounds": rounds, "noise-multiplier": ledger.noise_multiplier if ledger else 0.0,
@@ -128,8 +131,8 @@ class Hospital:
             last = torch.load(cached, weights_only=False)
             if last["round"] == server_round and last["input"] == fingerprint:
                 return last["state"], last["metrics"]
-        self.account(recorded)
         ledger = self.open_ledger()
+        self._checked(ledger, recorded)
         unet = self._model(state)
         seed_parts = (self.cfg.seed, self.silo.hospital, server_round)
         prepare_training(unet, self.cfg.training, seed_parts)  # the rest is sent back unchanged
