@@ -4,14 +4,23 @@ the reply."""
 from __future__ import annotations
 
 import json
+from copy import copy
+from functools import lru_cache
 from typing import cast
 
+import flwr.compat.common.recorddict_compat as compat
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedgen.config import load_config, overrides_from_run_config
 from fedgen.federation.hospital import Hospital, silos_for
-from fedgen.federation.site import check_site_privacy, site_home, site_silo
+from fedgen.federation.secure_aggregation import masking_problem, update_delta
+from fedgen.federation.site import check_site_privacy, site_budget, site_home, site_silo
 from fedgen.run_dir import RunDir
 
 app = ClientApp()
@@ -30,13 +39,14 @@ def hospital_for(context: Context) -> Hospital:
     key = (tuple(overrides), str(context.run_config["run-dir"]), partition, str(node.get("data-dir", "")))
     if key not in _hospitals:
         cfg = load_config(overrides)
+        budget = site_budget(node)
         if node.get("data-dir"):
             check_site_privacy(cfg, node)
             silo, home = site_silo(cfg, partition, node), str(site_home(str(node["data-dir"]), cfg.name))
         else:
             silo = silos_for(cfg)[partition]
             home = str(node.get("hospital-home") or RunDir(key[1]).hospital_home(partition))
-        _hospitals[key] = Hospital(cfg, silo, home)
+        _hospitals[key] = Hospital(cfg, silo, home, site_budget=budget)
     return _hospitals[key]
 
 
@@ -46,7 +56,61 @@ def recorded_account(config: ConfigRecord, hospital: Hospital) -> dict | None:
     return accounts.get(str(hospital.silo.hospital))
 
 
-@app.train()
+class UpdateRefused(RuntimeError):
+    """The hospital will not mask and send this update (secure aggregation: the server cannot check it)."""
+
+
+# The state-dict keys (a JSON list) of the flat list of arrays a SecAgg+ instruction carries (legacy FitIns).
+KEYS = "fedgen-keys"
+
+
+@lru_cache(maxsize=8)
+def secure_aggregation_on(overrides: tuple[str, ...]) -> bool:
+    return load_config(list(overrides)).federation.secure_aggregation
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next) -> Message:
+    """Train messages go through Flower's `secaggplus_mod` when the run config says
+    `federation.secure_aggregation=true`, and straight to `train` otherwise. In such a run a
+    plain training instruction is refused: the update would leave the hospital unmasked."""
+    if not secure_aggregation_on(tuple(overrides_from_run_config(context.run_config))):
+        return call_next(msg, context)
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        raise UpdateRefused("this run has federation.secure_aggregation=true, but the training instruction "
+                            "is not part of the SecAgg+ protocol: refusing to send an unmasked update")
+    return secaggplus_mod(msg, context, lambda m, c: masked_train(m, c, call_next))
+
+
+def masked_train(msg: Message, context: Context, call_next) -> Message:
+    """The SecAgg+ stage that trains: unpack the legacy FitIns, train, check the update here (the
+    server will see only the sum), and reply with the update (new - global) for the mod to mask.
+    The metrics travel in the clear beside it (`fedgen.federation.secure_aggregation`)."""
+    hospital = hospital_for(context)
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    keys = [str(k) for k in json.loads(str(fitins.config[KEYS]))]
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    global_state = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
+    weight = hospital.plan.num_examples
+    if weight > hospital.cfg.federation.secagg_max_weight:  # before any epsilon is spent
+        raise UpdateRefused(f"hospital {hospital.silo.hospital}: {weight} training examples exceed "
+                            f"federation.secagg_max_weight={hospital.cfg.federation.secagg_max_weight:g}")
+    config = ConfigRecord({k: v for k, v in fitins.config.items() if k != KEYS})
+    # The same message (metadata) with the plain instruction a non-secure round would carry.
+    plain = make_message(copy(msg.metadata), RecordDict({"arrays": ArrayRecord(global_state), "config": config}))
+    reply = call_next(plain, context)
+    new_state = reply.content.array_records["arrays"].to_torch_state_dict()
+    metrics = dict(reply.content.metric_records["metrics"])
+    problem = masking_problem(global_state, new_state, float(cast(float, metrics["num-examples"])), hospital.cfg)
+    if problem:
+        raise UpdateRefused(f"hospital {hospital.silo.hospital} refuses to send its update: {problem}")
+    delta = update_delta(global_state, new_state)
+    # float64: the mod quantises (r * delta + C) * Q / 2C, around 2^25, where float32 steps by 4.
+    parameters = ndarrays_to_parameters([delta[k].double().numpy() for k in keys])
+    fitres = FitRes(Status(Code.OK, ""), parameters, int(cast(int, metrics["num-examples"])), metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     hospital = hospital_for(context)
     config = msg.content.config_records["config"]

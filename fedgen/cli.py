@@ -16,6 +16,7 @@ EPILOG = """examples:
   fedgen sweep                                      # no DP, epsilon 10, 4, 1 side by side
   fedgen sweep sweep.privacy=[none,eps8] federation.num_rounds=10 sweep.name=r10
   fedgen report runs/budgets                        # rewrite a run's or a sweep's report.md
+  fedgen budget runs                                # each hospital's spend per run and lifetime
   fedgen xrays --out xrays.png                      # look at the synthetic X-rays
 Overrides are Hydra's (group=option, key.path=value); see conf/ for every setting."""
 
@@ -104,6 +105,12 @@ def _report(args: argparse.Namespace) -> int:
         raise ConfigError(f"{folder}: neither a run (config.yaml) nor a sweep (sweep.json)")
     print(f"wrote {path}")
     return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    from fedgen.running.budget import main as budget_main
+
+    return budget_main(args.path, args.budget)
 
 
 def _xrays(args: argparse.Namespace) -> int:
@@ -212,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         "path", help="a run directory (runs/default) or a sweep directory (runs/budgets)"
     )
     rep.set_defaults(run=_report)
+    bud = commands.add_parser("budget", help="each hospital site's privacy spend per run and over its lifetime")
+    bud.add_argument("path", help="a runs dir (runs), a site dir (runs/sites/<fingerprint>) or a deployed data-dir")
+    bud.add_argument("--budget", type=float, help="lifetime budget to compare with (default: the latest run's)")
+    bud.set_defaults(run=_budget)
     xr = commands.add_parser("xrays", help="write a PNG grid of synthetic chest X-rays")
     xr.add_argument("--out", default="xrays.png")
     xr.add_argument("--size", type=int, default=64)
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if type(err).__module__.startswith(("hydra", "omegaconf")):  # e.g. a damaged config.yaml
             return _error(str(err).splitlines()[0], 2)
-        if type(err).__name__ in ("SimulationError", "AuditAlarm", "DpAuditAlarm"):  # a run's summary: a line per lost hospital
+        if type(err).__name__ in ("SimulationError", "AuditAlarm", "DpAuditAlarm", "LifetimeBudgetError", "LedgerError"):  # a run's summary: a line per lost hospital
             return _error(str(err), 1, lines=True)
         raise
 

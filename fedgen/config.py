@@ -76,6 +76,10 @@ class PrivacyConfig:
     # True derives the DP noise and Poisson sampling from the seed, which every party can read:
     # NO guarantee (tests, debugging). False (default): secret, from the OS's CSPRNG.
     reproducible_noise: bool = False
+    # The most epsilon the hospital may spend on its patients over all its runs (its site's
+    # lifetime ledger, `fedgen.privacy.lifetime`): a run whose whole plan would pass it is refused
+    # before it trains. null: no limit (every run is still recorded).
+    lifetime_budget: float | None = None
 
 
 @dataclass
@@ -87,7 +91,7 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Which parameters the hospitals train (the rest stay as the global model has them, and DP
     # computes and noises no gradient for them): "all", or named groups joined by "+":
-    # norms_biases, attention, up_blocks, down_blocks, mid_block (fedgen.trainable.TRAINABLE_GROUPS),
+    # norms_biases, attention, up_blocks, down_blocks, mid_block, head (fedgen.trainable.TRAINABLE_GROUPS),
     # and lora: low-rank adapters (peft) on the layers `lora_targets` names, merged before sending.
     trainable: str = "all"
     lora_rank: int = 8
@@ -136,6 +140,10 @@ class FederationConfig:
     duplicate_times: int = 1  # each duplicated image appears this many extra times
     duplicate_hospitals: list[int] = field(default_factory=lambda: [0])
     max_update_norm: float = 1000.0  # reject updates farther than this from the global model
+    # SecAgg+: the coordinator sees only the sum of the updates (fedgen/federation/secure_aggregation.py)
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = 1.0  # a hospital refuses an update with |coordinate x its weight share| above it
+    secagg_max_weight: float = 10000.0  # the largest num-examples (training images) a hospital may weigh in with
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     sample_every: int = 1  # rounds between fixed-noise sample grids in TensorBoard
     num_samples: int = 16
@@ -329,6 +337,8 @@ def validate(cfg: ExperimentConfig) -> None:
         )
         _require(p.accountant in ("rdp", "prv"), "privacy.accountant", f"unknown '{p.accountant}'")
         _require(p.unit in ("example", "patient"), "privacy.unit", f"unknown '{p.unit}'; known: example, patient")
+    _require(p.lifetime_budget is None or (p.lifetime_budget > 0 and math.isfinite(p.lifetime_budget)),
+             "privacy.lifetime_budget", f"must be a positive finite number or null, got {p.lifetime_budget}")
     _require(t.batch_size >= 1, "training.batch_size", f"must be >= 1, got {t.batch_size}")
     _require(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
     _require(t.noise_multiplicity >= 1, "training.noise_multiplicity", "must be >= 1")
@@ -368,6 +378,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(f.parallel_clients >= 0, "federation.parallel_clients", f"must be >= 0, got {f.parallel_clients}")
     _require(f.client_cpus >= 1, "federation.client_cpus", f"must be >= 1, got {f.client_cpus}")
     _require(f.round_timeout > 0, "federation.round_timeout", f"must be > 0 seconds, got {f.round_timeout}")
+    if f.secure_aggregation:  # SecAgg+ needs two hospitals a round; its integer sums bound their number
+        _require(max(int(f.num_hospitals * f.fraction_train), f.min_train_nodes) >= 2 and f.num_hospitals <= 63, "federation.secure_aggregation",
+                 f"needs 2 to 63 hospitals sampled per round, got {f.num_hospitals} x fraction_train {f.fraction_train:g}")
+        _require(f.secagg_clipping_range > 0, "federation.secagg_clipping_range", "must be > 0")
+        _require(f.secagg_max_weight >= 1, "federation.secagg_max_weight", "must be >= 1")
     _require(cfg.audit.canaries >= 0, "audit.canaries", f"must be >= 0, got {cfg.audit.canaries}")
 
 

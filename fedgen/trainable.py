@@ -25,6 +25,9 @@ TRAINABLE_GROUPS = {
     "up_blocks": lambda name: name.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")),
     "down_blocks": lambda name: name.startswith(("conv_in.", "down_blocks.")),
     "mid_block": lambda name: name.startswith("mid_block."),
+    # The output head: the last norm and convolution (a few hundred coordinates at the tiny
+    # model). Global tone (exposure, contrast) is a shift and scale of what the head draws.
+    "head": lambda name: name.startswith(("conv_norm_out.", "conv_out.")),
 }
 
 

@@ -15,6 +15,7 @@ from fedgen.config import ExperimentConfig, load_config, overrides_from_run_conf
 from fedgen.federation.coordinator import Coordinator, RunFailed
 from fedgen.federation.update_checks import EVALUATE_METRIC_KEYS, metrics_problem
 from fedgen.run_dir import RunDir
+from server.secure_aggregation import SecureReporting, run_secure_rounds
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 
@@ -130,7 +131,11 @@ def make_strategy(cfg: ExperimentConfig, coordinator: Coordinator):
         kwargs["proximal_mu"] = fed.proximal_mu
     if fed.strategy == "fedadam":
         kwargs.update(eta=fed.server_learning_rate, eta_l=cfg.training.learning_rate)
-    strategy = type(f"Reporting{base.__name__}", (Reporting, base), {})(**kwargs)
+    if fed.secure_aggregation:  # its training step runs SecAgg+ (server/secure_aggregation.py)
+        strategy = type(f"SecureReporting{base.__name__}", (SecureReporting, Reporting, base), {})(**kwargs)
+        strategy.base = base
+    else:
+        strategy = type(f"Reporting{base.__name__}", (Reporting, base), {})(**kwargs)
     strategy.coordinator = coordinator
     strategy.round_offset = coordinator.start_round
     strategy.instructions = []
@@ -196,7 +201,10 @@ def main(grid: Grid, context: Context) -> None:
             coordinator.end_round(strategy.round_offset + server_round, arrays.to_torch_state_dict())
         return None
 
-    if coordinator.rounds_left:
+    if coordinator.rounds_left and cfg.federation.secure_aggregation:
+        run_secure_rounds(strategy, grid, ArrayRecord(coordinator.global_state()), coordinator.rounds_left,
+                          after_round, timeout=cfg.federation.round_timeout)
+    elif coordinator.rounds_left:
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(coordinator.global_state()),

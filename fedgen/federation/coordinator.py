@@ -20,6 +20,7 @@ from fedgen.config import ExperimentConfig
 from fedgen.diffusion import sample_images
 from fedgen.federation.update_checks import StateDict, update_problem
 from fedgen.model import build_scheduler
+from fedgen.privacy.lifetime import run_lifetimes
 from fedgen.privacy.privacy_card import privacy_card
 from fedgen.run_dir import RunDir, read_json, write_json
 from fedgen.seeding import torch_generator
@@ -110,6 +111,11 @@ class Coordinator:
             self.current["spent"][hospital] = spent
         who = f"hospital {hospital if hospital is not None else '?'}" + (f" (node {node})" if node is not None else "")
         self.log(f"  ! rejected the update of {who}: {reason}")
+
+    def record_secure_aggregation(self, info: dict) -> None:
+        """A SecAgg+ round: which hospitals' updates were summed (never seen one by one), the
+        protocol's threshold and the quantisation error bound (fedgen.federation.secure_aggregation)."""
+        self.current["secure_aggregation"] = info
 
     def record_model_unchanged(self, usable: int, required: int) -> None:
         self.current["model_unchanged"] = True
@@ -233,7 +239,7 @@ class Coordinator:
     def write_metrics(self, status: str, error: str = "") -> None:
         ledgers = self.ledgers()
         write_json(self.run_dir.privacy_card, privacy_card(self.cfg.privacy.enabled, self.cfg.privacy.accountant, ledgers,
-                                                            self.cfg.privacy.unit))
+                                                            self.cfg.privacy.unit, run_lifetimes(self.run_dir.root)))
         write_json(
             self.run_dir.metrics,
             {
@@ -244,6 +250,9 @@ class Coordinator:
                 "history": self.history,
                 "ledgers": ledgers,
                 "checkpoints": self.checkpoint_hashes,  # sha256 of each round's checkpoint file
+                # True: the coordinator received only the sum of the hospitals' updates (SecAgg+),
+                # so an attack on this run's updates can only attack the aggregate.
+                "secure_aggregation": self.cfg.federation.secure_aggregation,
             },
         )
 

@@ -22,6 +22,15 @@ from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.model import build_scheduler, build_unet
 from fedgen.privacy.accounting import EpsilonLedger, LedgerError, check_delta, make_plan
 from fedgen.privacy.dp_sgd import privacy_units, train_locally, unit_count
+from fedgen.privacy.lifetime import (
+    LIFETIME_FILE,
+    all_patients,
+    check_lifetime_budget,
+    lifetime_budget,
+    record_spend,
+    run_entry,
+    site_fingerprint,
+)
 from fedgen.seeding import derive_seed, resolve_device, torch_generator
 from fedgen.trainable import merge_lora, prepare_training
 
@@ -48,13 +57,23 @@ def state_fingerprint(state: StateDict) -> str:
 
 
 class Hospital:
-    """One hospital: `silo` is its data, `home` the directory only it writes to."""
+    """One hospital: `silo` is its data, `home` the directory only it writes to for this run.
 
-    def __init__(self, cfg: ExperimentConfig, silo: Silo, home: str | Path):
+    `site` holds its lifetime ledger across runs (`fedgen.privacy.lifetime`); None derives it from
+    `home`: a simulated run's `<runs_dir>/<name>/hospitals/hospital-<i>` gives
+    `<runs_dir>/sites/<data fingerprint>`, a deployed `<data-dir>/fedgen/<run name>` gives
+    `<data-dir>/fedgen`, any other home keeps it in `home`. `site_budget`: the site's own lifetime
+    budget, applied with the run's `privacy.lifetime_budget` (the tighter wins)."""
+
+    def __init__(self, cfg: ExperimentConfig, silo: Silo, home: str | Path, site: str | Path | None = None,
+                 site_budget: float | None = None):
         self.cfg = cfg
         self.silo = silo
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
+        self.data_fingerprint = site_fingerprint(all_patients(silo), cfg.data.source)
+        self.site = Path(site) if site is not None else self._default_site()
+        self.lifetime_budget = lifetime_budget(cfg, site_budget)
         fed = cfg.federation
         # Patient-level DP samples, clips and counts patients: the plan is over them.
         self.units = privacy_units(silo.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None
@@ -73,6 +92,31 @@ class Hospital:
     def largest_patient(self) -> int:
         _, counts = np.unique(np.asarray(self.silo.train.patient_ids), return_counts=True)
         return int(counts.max()) if len(counts) else 1
+
+    def _default_site(self) -> Path:
+        home = self.home.resolve()
+        if home.parent.name == "hospitals":
+            return home.parents[2] / "sites" / self.data_fingerprint
+        return home.parent if home.parent.name == "fedgen" else home
+
+    @property
+    def lifetime_path(self) -> Path:
+        return self.site / LIFETIME_FILE
+
+    def _lifetime_entry(self, ledger: EpsilonLedger | None, reserve: int = 0, plan: bool = False) -> dict:
+        """This run's entry in the site ledger: spent so far, plus `reserve` steps of the round about
+        to train, or (`plan`) the rest of the whole plan."""
+        history = list(ledger.history) if ledger else []
+        extra = max(0, self.plan.total_steps - (ledger.steps if ledger else 0)) if plan else reserve
+        more = [(ledger.noise_multiplier, ledger.sample_rate, extra)] if ledger and extra else []
+        return run_entry(self.cfg, self.silo.hospital, self.data_fingerprint, self.largest_patient,
+                         self.plan.total_steps, history + more if plan else history, [] if plan else more,
+                         budget=self.lifetime_budget)
+
+    def check_lifetime(self, ledger: EpsilonLedger | None) -> None:
+        """Refuse, before any step, a run whose whole plan would pass the site's lifetime budget."""
+        check_lifetime_budget(self.lifetime_path, str(self.home.resolve()), self._lifetime_entry(ledger, plan=True),
+                              self.lifetime_budget, f"hospital {self.silo.hospital}")
 
     @property
     def ledger_path(self) -> Path:
@@ -133,6 +177,10 @@ class Hospital:
                 return last["state"], last["metrics"]
         ledger = self.open_ledger()
         self._checked(ledger, recorded)
+        self.check_lifetime(ledger)
+        # The round's steps are on the site's record before the first one is drawn.
+        record_spend(self.lifetime_path, str(self.home.resolve()),
+                     self._lifetime_entry(ledger, reserve=self.plan.steps_per_round))
         unet = self._model(state)
         seed_parts = (self.cfg.seed, self.silo.hospital, server_round)
         prepare_training(unet, self.cfg.training, seed_parts)  # the rest is sent back unchanged
@@ -171,6 +219,7 @@ class Hospital:
         # Ledger first: if the process dies after this line, the spent epsilon is on record.
         if ledger is not None:
             ledger.save(self.ledger_path)
+        record_spend(self.lifetime_path, str(self.home.resolve()), self._lifetime_entry(ledger))
         tmp = cached.with_suffix(".tmp")
         torch.save({"round": server_round, "input": fingerprint, "state": new_state, "metrics": metrics}, tmp)
         tmp.replace(cached)

@@ -28,7 +28,24 @@ from pathlib import Path
 from fedgen.config import ConfigError, ExperimentConfig
 from fedgen.data.dataset import DataError
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "data-path", "data-csv", "allow-reproducible-noise")
+NODE_KEYS = ("partition-id", "num-partitions", "data-dir", "data-path", "data-csv", "allow-reproducible-noise",
+             "lifetime-budget")
+
+
+def site_budget(node_config: Mapping) -> float | None:
+    """The site's own lifetime budget (`lifetime-budget` in the SuperNode's node config): the
+    hospital applies the tighter of it and the run's privacy.lifetime_budget, so a coordinator
+    cannot raise it. None: the site sets none."""
+    raw = node_config.get("lifetime-budget")
+    if raw in (None, ""):
+        return None
+    try:
+        budget = float(raw)
+    except (TypeError, ValueError):
+        budget = float("nan")
+    if not (budget > 0 and budget != float("inf")):
+        raise ConfigError(f"node config lifetime-budget={raw!r}: must be a positive finite number")
+    return budget
 
 
 def site_home(data_dir: str | Path, run_name: str) -> Path:

@@ -30,7 +30,7 @@ def hospital_card(ledger: dict, accountant: str, unit: str = "example") -> dict:
         "epsilon_recomputed": epsilon_of(history, accountant, delta),
         "delta": delta,
         "accountant": accountant,
-        "sampling": "Poisson, rate q per example per step",
+        "sampling": f"Poisson, rate q per {'patient' if unit == 'patient' else 'example'} per step",
         "history": [list(h) for h in history],
         "steps": sum(n for _, _, n in history),
         "reproducible_noise": bool(ledger.get("reproducible_noise", True)),
@@ -40,10 +40,16 @@ def hospital_card(ledger: dict, accountant: str, unit: str = "example") -> dict:
     }
 
 
-def privacy_card(enabled: bool, accountant: str, ledgers: dict, unit: str = "example") -> dict:
+def privacy_card(enabled: bool, accountant: str, ledgers: dict, unit: str = "example",
+                 lifetime: dict | None = None) -> dict:
+    """`lifetime`: {hospital: its site's lifetime totals and every run's history}
+    (`fedgen.privacy.lifetime.run_lifetimes`); a deployed run's sites keep theirs."""
+    lifetime = {"hospitals": lifetime or {}, "note": "what each hospital's site spent on its patients "
+                "over all its runs, this one included (fedgen budget <runs dir or site>)"}
     if not enabled:
-        return {"version": CARD_VERSION, "dp": False, "hospitals": {}}
+        return {"version": CARD_VERSION, "dp": False, "hospitals": {}, "lifetime": lifetime}
     return {
+        "lifetime": lifetime,
         "version": CARD_VERSION,
         "dp": True,
         "level": f"{unit}-level DP-SGD at each hospital (no hospital-level noise)",

@@ -70,13 +70,18 @@ def _toml_string(value: str | Path) -> str:
 
 
 def node_config(partition: int, num_partitions: int, data_dir: Path, data_path: str | None = None,
-                data_csv: str | None = None, allow_reproducible_noise: bool = False) -> str:
+                data_csv: str | None = None, allow_reproducible_noise: bool = False,
+                lifetime_budget: float | None = None) -> str:
     """The SuperNode's node config: which hospital it is and where its data lives
     (`fedgen.federation.site`)."""
     items = [f"partition-id={partition}", f"num-partitions={num_partitions}",
              f"data-dir={_toml_string(Path(data_dir).resolve())}"]
     if allow_reproducible_noise:
         items.append("allow-reproducible-noise=true")
+    if lifetime_budget is not None:
+        if not (0 < lifetime_budget < float("inf")):
+            raise DeploymentError(f"--lifetime-budget: must be a positive finite epsilon, got {lifetime_budget}")
+        items.append(f"lifetime-budget={float(lifetime_budget)!r}")
     if data_path:
         items.append(f"data-path={_toml_string(Path(data_path).resolve())}")
     if data_csv:

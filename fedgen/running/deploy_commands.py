@@ -126,7 +126,7 @@ def _supernode(args: argparse.Namespace) -> int:
         check_writable(data_dir, "--data-dir")
     # Only a local test node (--insecure) lets a run derive its DP noise from the config.
     config = node_config(args.partition_id, args.num_partitions, data_dir, args.data_path, args.data_csv,
-                         allow_reproducible_noise=args.insecure)
+                         allow_reproducible_noise=args.insecure, lifetime_budget=args.lifetime_budget)
     command = supernode_command(args.superlink, ca, Path(args.key) if args.key else None, config, args.port)
     if not args.print_only:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +210,8 @@ def add_deploy_commands(commands) -> None:
     p.add_argument("--data-path", help="this hospital's own images (with data=folder|dicom|medmnist)")
     p.add_argument("--data-csv", help="with --data-path and data=folder: CSV file,patient_id,label")
     p.add_argument("--port", type=int, default=9094, help="the node's local ClientApp port")
+    p.add_argument("--lifetime-budget", type=float, help="the most epsilon this site spends on its patients "
+                   "over all runs (its ledger: <data-dir>/fedgen/lifetime.json); a run's own can only be tighter")
     p.set_defaults(run=_errors(_supernode))
 
     p = sub.add_parser("run", help="submit the federation to the SuperLink and follow it (resumes)")

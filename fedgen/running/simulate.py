@@ -93,6 +93,7 @@ def plan_table(cfg: ExperimentConfig) -> list[dict]:
     from fedgen.data.silos import build_silos
     from fedgen.privacy.accounting import EpsilonLedger, make_plan
     from fedgen.privacy.dp_sgd import privacy_units, unit_count
+    from fedgen.privacy.lifetime import check_simulated_site
 
     rows = []
     for silo in build_silos(cfg):
@@ -108,8 +109,11 @@ def plan_table(cfg: ExperimentConfig) -> list[dict]:
             "q": plan.sample_rate,
             "steps": plan.total_steps,
         }
+        sigma = EpsilonLedger.start(cfg.privacy, plan).noise_multiplier if cfg.privacy.enabled else 0.0
         if cfg.privacy.enabled:
-            row["sigma"] = EpsilonLedger.start(cfg.privacy, plan).noise_multiplier
+            row["sigma"] = sigma
+        # A run that would pass a hospital's lifetime budget is refused here; the hospital checks too.
+        check_simulated_site(cfg, silo, plan.sample_rate, plan.total_steps, sigma)
         rows.append(row)
     return rows
 

@@ -173,7 +173,22 @@ def run_sweep(overrides: list[str], command: str | None = None, log=print) -> li
         f"  report: {p.folder / 'report.md'}\n  trade-off: {p.folder / 'tradeoff.png'}\n"
         f"  compare them: tensorboard --logdir {p.folder}"
     )
+    log_spend(p.folder, log)
     return list(rows.values())
+
+
+def log_spend(folder: Path, log) -> None:
+    """The sweep's total spend: every run trained on the same patients, so each hospital's site
+    ledger composes them all (`fedgen budget`)."""
+    from fedgen.privacy.accounting import LedgerError
+    from fedgen.running.budget import budget_report
+
+    try:
+        lines, _ = budget_report(folder)
+    except (ConfigError, LedgerError) as err:  # no run trained, or a damaged ledger: say so, go on
+        log(f"  total spend: {err}")
+        return
+    log("\ntotal spend per hospital (all the sweep's runs on the same patients):\n" + "\n".join(lines))
 
 
 def run_setting(p: Plan, name: str, overrides: list[str], previous: dict, label: str, log) -> dict:

@@ -1,0 +1,278 @@
+"""Gradient inversion of one hospital's update: the curious coordinator reconstructs training images.
+
+Threat model: the coordinator holds the global weights it sent, the weights a hospital returned,
+the noise schedule, and what the run's config says of the hospital's local training (optimizer,
+learning rate, steps, batch size, noise multiplicity K). Nothing else: not the images, not which
+ones were sampled, not the (timestep, noise) draws of the diffusion loss, not the DP noise.
+
+The attack (Geiping et al. 2020, "Inverting Gradients", for diffusion models as in GIDM+, Huang
+et al. 2024): optimise candidate images x0 [B,1,H,W] together with the unknown timesteps (a
+continuous relaxation t in [0, T-1], the schedule interpolated) and noise eps of every simulated
+local step, so that the update the hospital's optimizer would have made from the global weights on
+them points the way the observed one does: 1 - cosine(simulated delta, observed delta), plus a
+total-variation prior on x0. The simulated local steps are differentiated through
+(`torch.func.functional_call`, `create_graph`).
+
+- SGD: delta = -lr * sum of gradients, so one step reveals the gradient itself up to scale.
+- Adam: the first step from a fresh state moves every weight by about -lr * sign(gradient), which
+  has no useful derivative; the simulation divides by sqrt(v_hat) + `adam_smoothing` * rms(grad)
+  per tensor instead (a soft sign), a relaxation the observed update never needed.
+
+Scoring (`score`) uses the hospital's images and is never fed back into the optimisation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm.auto import tqdm
+
+from fedgen.diffusion import Diffusion
+
+StateDict = dict[str, torch.Tensor]
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class LocalRecipe:
+    """What the coordinator knows of a hospital's local training (the run's config and metrics)."""
+
+    optimizer: str  # sgd | adam
+    learning_rate: float
+    steps: int  # local optimizer steps in the round
+    batch_size: int  # expected images per step
+    noise_multiplicity: int = 1  # K (timestep, noise) draws per image and step
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    images: int = 0  # candidate images B (0: the recipe's batch size)
+    iterations: int = 300  # for the best start, after the warm-ups
+    restarts: int = 8  # starts with timesteps spread over [0, T)
+    warmup: int = 40  # iterations of each start before the best is chosen
+    step_size: float = 0.05  # Adam on the candidates
+    tv_weight: float = 1e-3  # total-variation prior on x0 (Inverting Gradients)
+    adam_smoothing: float = 0.1  # soft sign for a simulated Adam step (see the module docstring)
+    seed: int = 0  # the candidates' initialisation
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """Reconstructions x0 [B,1,H,W] in [-1, 1], their timesteps [S,B,K] and the loss per iteration."""
+
+    images: torch.Tensor
+    timesteps: torch.Tensor
+    losses: list[float]
+
+
+def weight_delta(before: StateDict, after: StateDict) -> StateDict:
+    """after - before for every floating-point tensor (the update the coordinator observed)."""
+    return {k: (after[k].float() - before[k].float()) for k, v in before.items() if v.is_floating_point()}
+
+
+def _abar(diffusion: Diffusion, t: torch.Tensor) -> torch.Tensor:
+    """alpha-bar at continuous timesteps t (any shape): the schedule linearly interpolated."""
+    table = diffusion.alphas_cumprod.to(t.device)
+    low = t.detach().floor().clamp(0, len(table) - 2).long()
+    frac = t - low
+    return table[low] * (1 - frac) + table[low + 1] * frac
+
+
+def simulate_update(
+    unet: torch.nn.Module,
+    start: StateDict,
+    diffusion: Diffusion,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor,
+    recipe: LocalRecipe,
+    adam_smoothing: float = 0.1,
+) -> StateDict:
+    """The weight change of `recipe.steps` local steps from `start` on x0 [B,C,H,W], step s using
+    timesteps t[s] [B,K] (float) and noise eps[s] [B,K,C,H,W]: a differentiable graph in all three.
+    Every step takes the whole candidate batch (the real batches are secret Poisson samples)."""
+    names = [n for n, p in unet.named_parameters()]
+    params = {n: start[n].detach().clone().requires_grad_(True) for n in names}
+    weights = dict(params)
+    buffers = {n: b for n, b in unet.named_buffers()}
+    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    b, k = t.shape[1:]
+    for s in range(recipe.steps):
+        x_rep = x0.unsqueeze(1).expand(b, k, *x0.shape[1:]).reshape(b * k, *x0.shape[1:])
+        abar = _abar(diffusion, t[s].reshape(-1)).reshape(-1, 1, 1, 1)
+        noise = eps[s].reshape(b * k, *x0.shape[1:])
+        x_t = abar.sqrt() * x_rep + (1 - abar).sqrt() * noise
+        pred = functional_call(unet, {**weights, **buffers}, (x_t, t[s].reshape(-1)), {"return_dict": False})[0]
+        loss = ((pred - noise) ** 2).mean()  # the batch mean of the per-example loss
+        grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True, allow_unused=True)
+        new = {}
+        for (n, w), g in zip(weights.items(), grads):
+            if g is None:
+                new[n] = w
+                continue
+            if recipe.optimizer == "sgd":
+                new[n] = w - recipe.learning_rate * g
+            else:  # torch.optim.Adam's defaults, with a smoothed denominator
+                m[n] = 0.9 * m[n] + 0.1 * g
+                v[n] = 0.999 * v[n] + 0.001 * g * g
+                m_hat, v_hat = m[n] / (1 - 0.9 ** (s + 1)), v[n] / (1 - 0.999 ** (s + 1))
+                floor = adam_smoothing * v_hat.mean().sqrt() + 1e-12
+                new[n] = w - recipe.learning_rate * m_hat / ((v_hat + 1e-24).sqrt() + floor)
+        weights = new
+    return {n: weights[n] - params[n] for n in names}
+
+
+def _cosine_distance(sim: StateDict, observed: StateDict) -> torch.Tensor:
+    dot = torch.stack([(sim[n] * observed[n]).sum() for n in sim]).sum()
+    norm_sim = torch.stack([(sim[n] ** 2).sum() for n in sim]).sum().sqrt()
+    norm_obs = torch.stack([(observed[n] ** 2).sum() for n in sim]).sum().sqrt()
+    return 1 - dot / (norm_sim * norm_obs + 1e-12)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of neighbouring pixels of x [B,C,H,W]."""
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def invert(
+    unet: torch.nn.Module,
+    before: StateDict,
+    after: StateDict,
+    diffusion: Diffusion,
+    recipe: LocalRecipe,
+    image_shape: tuple[int, int, int],
+    settings: InversionSettings = InversionSettings(),
+    progress: bool = True,
+) -> Inversion:
+    """Reconstruct the images behind the update `before` -> `after` of `unet`'s weights (the
+    network only lends its architecture; its own weights are not used). image_shape (C,H,W)."""
+    if recipe.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {recipe.optimizer!r}")
+    if recipe.steps < 1 or recipe.batch_size < 1:
+        raise ValueError(f"the recipe needs >= 1 step and batch size, got {recipe}")
+    observed = {n: d.detach() for n, d in weight_delta(before, after).items()
+                if n in dict(unet.named_parameters())}
+    if not any(float(d.abs().sum()) > 0 for d in observed.values()):
+        raise ValueError("the observed update is zero: nothing to invert")
+    gen = torch.Generator().manual_seed(settings.seed)
+    b, k, steps = settings.images or recipe.batch_size, recipe.noise_multiplicity, recipe.steps
+    last = diffusion.num_timesteps - 1
+    total = settings.restarts * settings.warmup + settings.iterations
+    bar = tqdm(total=total, desc="inverting the update", disable=not progress, leave=False)
+
+    def objective(x0: torch.Tensor, eps: torch.Tensor, t_logit: torch.Tensor) -> torch.Tensor:
+        # The fused attention kernels have no second derivative; the plain one computes the same.
+        with sdpa_kernel(SDPBackend.MATH):
+            t = torch.sigmoid(t_logit) * last
+            sim = simulate_update(unet, before, diffusion, x0, t, eps, recipe, settings.adam_smoothing)
+            return _cosine_distance(sim, observed) + settings.tv_weight * total_variation(x0)
+
+    # The loss is far from convex in the timesteps (sinusoidal embeddings): short runs from
+    # timesteps spread over [0, T) (restart r starts every candidate in the r-th stratum), then
+    # the best of them runs to the end.
+    candidates = []
+    for r in range(settings.restarts):
+        x0 = 0.1 * torch.randn((b, *image_shape), generator=gen)
+        eps = torch.randn((steps, b, k, *image_shape), generator=gen)
+        u = (r + torch.rand((steps, b, k), generator=gen)) / settings.restarts
+        t_logit = torch.logit(u.clamp(1e-3, 1 - 1e-3))
+        losses = _descend(objective, [x0, eps, t_logit], settings.warmup, settings.step_size, bar)
+        candidates.append((losses[-1] if losses else 0.0, [x0, eps, t_logit], losses))
+    _, best, history = min(candidates, key=lambda c: c[0])
+    history = history + _descend(objective, best, settings.iterations, settings.step_size, bar, decay=True)
+    bar.close()
+    x0, _, t_logit = best
+    return Inversion(x0.detach().clone(), (torch.sigmoid(t_logit) * last).detach(), history)
+
+
+def _descend(objective, variables: list[torch.Tensor], iterations: int, step_size: float, bar,
+             decay: bool = False) -> list[float]:
+    """`iterations` Adam steps on `variables` (x0, eps, t_logit; updated in place), x0 kept in
+    [-1, 1] (the images' range: the box constraint of Inverting Gradients). Returns the losses."""
+    for v in variables:
+        v.requires_grad_(True)
+    optimizer = torch.optim.Adam(variables, lr=step_size)
+    milestones = [int(iterations * f) for f in (0.5, 0.75, 0.9)] if decay else []
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.3)
+    losses = []
+    for _ in range(iterations):
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective(*variables)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            variables[0].clamp_(-1, 1)
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+# --- scoring: the hospital's images, never seen by the optimisation --------------------------------
+@dataclass(frozen=True)
+class InversionScore:
+    """How well reconstructions match a pool of real images. `best_ssim`/`best_psnr` per
+    reconstruction (against its most similar pool image, by SSIM); `match` its pool index;
+    `reidentified` whether that match is one of the `sources` (the images that produced the
+    update); `chance` the rate a random guess would reach (sources / pool)."""
+
+    best_ssim: list[float]
+    best_psnr: list[float]
+    match: list[int]
+    reidentified: list[bool]
+    chance: float
+    mean_best_ssim: float = field(init=False)
+    mean_best_psnr: float = field(init=False)
+    reidentification_rate: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean_best_ssim", float(np.mean(self.best_ssim)))
+        object.__setattr__(self, "mean_best_psnr", float(np.mean(self.best_psnr)))
+        object.__setattr__(self, "reidentification_rate", float(np.mean(self.reidentified)))
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"mean_best_ssim": self.mean_best_ssim, "mean_best_psnr": self.mean_best_psnr,
+                               "reidentification_rate": self.reidentification_rate}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> InversionScore:
+        data = json.loads(Path(path).read_text())
+        return cls(**{k: data[k] for k in ("best_ssim", "best_psnr", "match", "reidentified", "chance")})
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(SSIM, PSNR in dB) of two images [C,H,W] in [-1, 1] (scikit-image, data range 2)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    x, y = a.detach().cpu().double().numpy(), b.detach().cpu().double().numpy()
+    ssim = structural_similarity(x[0], y[0], data_range=2.0, win_size=min(7, x.shape[-1] // 2 * 2 - 1))
+    psnr = peak_signal_noise_ratio(y, x, data_range=2.0)
+    return float(ssim), float(min(psnr, 100.0))
+
+
+def score(reconstructions: torch.Tensor, pool: torch.Tensor, sources: list[int]) -> InversionScore:
+    """Match each reconstruction [B,C,H,W] to its most similar image (SSIM) of `pool` [M,C,H,W];
+    it re-identifies when that image is one of `sources` (pool indices)."""
+    if len(pool) == 0 or len(reconstructions) == 0:
+        raise ValueError("need at least one reconstruction and one pool image to score")
+    chosen = set(sources)
+    best_ssim, best_psnr, match, hit = [], [], [], []
+    for r in reconstructions:
+        pairs = [similarity(r, p) for p in pool]
+        j = int(np.argmax([s for s, _ in pairs]))
+        best_ssim.append(pairs[j][0])
+        best_psnr.append(pairs[j][1])
+        match.append(j)
+        hit.append(j in chosen)
+    return InversionScore(best_ssim, best_psnr, match, hit, chance=len(chosen) / len(pool))
