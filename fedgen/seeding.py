@@ -1,11 +1,12 @@
 """One seeding function for what may be reproducible: streams derive from (seed, hospital, round, purpose).
 
 Seeded (reproducible from the config; not part of any guarantee): synthetic data generation,
-partitioning and the member/held-out/validation split, model initialisation, the diffusion loss's
-timesteps and noise, validation draws, sample grids and utility samples, the attacks' noise draws.
+partitioning and the member/held-out/validation split, model initialisation, validation draws,
+sample grids and utility samples, the attacks' noise draws.
 
-Never seeded: what DP-SGD's guarantee rests on, the Gaussian noise and the Poisson sampling. They
-come from the operating system's CSPRNG at each local training (`fedgen.privacy.randomness`), and only
+Never seeded: what DP-SGD's guarantee rests on, the Gaussian noise and the Poisson sampling, and the
+local training's diffusion (timestep, noise) draws (which would help a coordinator invert an update).
+They come from the operating system's CSPRNG at each local training (`fedgen.privacy.randomness`), and only
 `privacy.reproducible_noise=true` (tests, debugging; every record then says "no guarantee")
 derives them from here.
 """

@@ -126,3 +126,31 @@ def test_a_deployed_hospital_refuses_reproducible_noise_unless_its_node_allows_i
         check_site_privacy(cfg, {"partition-id": 0, "data-dir": "/tmp/x"})
     check_site_privacy(cfg, {"allow-reproducible-noise": True})
     check_site_privacy(_config(base_config, reproducible=False), {})
+
+
+class RecordingDiffusion(Diffusion):
+    """Keeps the timesteps of every (timestep, noise) draw local training makes."""
+
+    def draw(self, x0, draws, generator=None):
+        t, eps = super().draw(x0, draws, generator=generator)
+        self.timesteps.append(t.clone())
+        return t, eps
+
+
+def _timesteps_drawn(cfg) -> torch.Tensor:
+    plan = make_plan(16, batch_size=16, local_epochs=1, num_rounds=1)  # q = 1: every image, every step
+    diffusion = RecordingDiffusion(build_scheduler(cfg.model))
+    diffusion.timesteps = []
+    images = torch.zeros(16, 1, 16, 16)
+    train_locally(build_unet(cfg.model, 16), diffusion, images, cfg, plan, None, (0, 0, 1))
+    return torch.cat(diffusion.timesteps)
+
+
+def test_the_diffusion_draws_are_secret_unless_reproducible(base_config):
+    """A coordinator that knows the (timestep, noise) draws inverts an update far more easily
+    (GIDM): they come from the secret stream, never from the config's seed."""
+    secret = dataclasses.replace(_config(base_config, reproducible=False), privacy=dataclasses.replace(
+        base_config.privacy, enabled=False, reproducible_noise=False))
+    assert not torch.equal(_timesteps_drawn(secret), _timesteps_drawn(secret))
+    reproducible = dataclasses.replace(secret, privacy=dataclasses.replace(secret.privacy, reproducible_noise=True))
+    assert torch.equal(_timesteps_drawn(reproducible), _timesteps_drawn(reproducible))

@@ -25,7 +25,6 @@ from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.privacy.accounting import EpsilonLedger, TrainingPlan
 from fedgen.privacy.per_sample_grads import per_sample_gradients
 from fedgen.privacy.randomness import NoisingDPOptimizer, poisson_batches, privacy_randomness
-from fedgen.seeding import torch_generator
 
 
 @dataclass(frozen=True)
@@ -158,10 +157,11 @@ def train_locally(
     steps = plan.steps_per_round
     if ledger is not None:
         ledger.check_budget(steps)
-    # The diffusion loss's (timestep, noise) draws are not part of the guarantee: seeded. The
-    # sampling and the DP noise are: secret unless the config asks for the test-only switch.
-    gen = torch_generator(*seed_parts, "draws")
+    # The sampling and the DP noise (the guarantee) and the diffusion loss's (timestep, noise) draws
+    # (which would help a coordinator invert the update): secret unless the config asks for the
+    # test-only switch.
     randomness = privacy_randomness(cfg.privacy.reproducible_noise, *seed_parts)
+    gen = randomness.draws_generator()
     params = [p for p in unet.parameters() if p.requires_grad]
     global_weights = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     base_optimizer = make_optimizer(cfg, params)

@@ -10,6 +10,9 @@ subtracted from an update and the sampled images read off. So both are **secret 
   through `cryptography` (OpenSSL) because reading 8 MB per step from the kernel cost 16 ms and
   the keystream 2 ms. The key lives in memory only: nothing is seeded from the config, stored,
   logged or sent.
+- The diffusion loss's (timestep, noise) draws: not what the DP guarantee rests on (DP-SGD holds
+  for any per-example loss), but a coordinator who knows them inverts an update far more easily
+  (GIDM, Huang et al. 2024), so they come from a generator seeded by the same keystream.
 - Poisson sampling: each example is in the step's batch when a uniform u (53 random bits) is below q.
 - Gaussian noise: Box-Muller in float64 on those uniforms; each coordinate is the sum of 4 such
   normals times std/2 (Holohan & Braghin 2021 with n = 2, the fix Opacus's `secure_mode` uses),
@@ -71,6 +74,10 @@ class SecretRandomness:
         noise = normals.view(4, n).sum(0) * (std / 2.0)
         return noise.view_as(reference).to(device=reference.device, dtype=reference.dtype)
 
+    def draws_generator(self) -> torch.Generator:
+        """The diffusion loss's (timestep, noise) draws, seeded from the keystream (63 bits)."""
+        return torch.Generator().manual_seed(int.from_bytes(self._stream.update(bytes(8)), "little") >> 1)
+
 
 class ReproducibleRandomness:
     """Streams derived from public seed parts: NO privacy guarantee (tests, debugging)."""
@@ -78,8 +85,12 @@ class ReproducibleRandomness:
     reproducible = True
 
     def __init__(self, *seed_parts: int | str):
+        self.seed_parts = seed_parts
         self.sampling = torch_generator(*seed_parts, "poisson")
         self.noise = torch_generator(*seed_parts, "dp-noise")
+
+    def draws_generator(self) -> torch.Generator:
+        return torch_generator(*self.seed_parts, "draws")
 
     def uniform(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.sampling)
