@@ -129,6 +129,34 @@ def simulate_update(
     return {n: weights[n] - params[n] for n in names}
 
 
+def timestep_guess(unet: torch.nn.Module, observed: StateDict, last: int, count: int) -> torch.Tensor | None:
+    """The `count` timesteps whose embeddings best span the rows of the observed update of the
+    time MLP's first linear layer, or None when the network has none. Its weight gradient is
+    sum_j g_j emb(t_j)^T over the batch's draws (g_j its bias gradient), so one SGD step on one
+    draw reveals emb(t) exactly (Phong et al. 2017 for a linear layer's input) and a few draws
+    span a subspace holding theirs; several steps blur it. A start, not a constraint."""
+    weight = observed.get("time_embedding.linear_1.weight")
+    project = getattr(unet, "time_proj", None)
+    if weight is None or project is None or weight.ndim != 2:
+        return None
+    with torch.no_grad():
+        grid = torch.arange(last + 1, dtype=torch.float32)
+        emb = project(grid).float()  # [T, D]
+        if emb.shape[1] != weight.shape[1]:
+            return None
+        rank = min(count, *weight.shape)
+        basis = torch.linalg.svd(weight.double(), full_matrices=False).Vh[:rank].float()  # [rank, D]
+        fit = ((emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ basis.T).norm(dim=1)  # [T] in [0, 1]
+        picked: list[int] = []
+        spacing = max(1, (last + 1) // (8 * count))  # one pick per peak of the fit
+        for t in torch.argsort(fit, descending=True).tolist():
+            if all(abs(t - p) >= spacing for p in picked):
+                picked.append(t)
+            if len(picked) == count:
+                break
+    return torch.tensor(picked, dtype=torch.float32)
+
+
 def _cosine_distance(sim: StateDict, observed: StateDict) -> torch.Tensor:
     dot = torch.stack([(sim[n] * observed[n]).sum() for n in sim]).sum()
     norm_sim = torch.stack([(sim[n] ** 2).sum() for n in sim]).sum().sqrt()
@@ -164,7 +192,7 @@ def invert(
     gen = torch.Generator().manual_seed(settings.seed)
     b, k, steps = settings.images or recipe.batch_size, recipe.noise_multiplicity, recipe.steps
     last = diffusion.num_timesteps - 1
-    total = settings.restarts * settings.warmup + settings.iterations
+    total = (settings.restarts + 1) * settings.warmup + settings.iterations
     bar = tqdm(total=total, desc="inverting the update", disable=not progress, leave=False)
 
     def objective(x0: torch.Tensor, eps: torch.Tensor, t_logit: torch.Tensor) -> torch.Tensor:
@@ -177,11 +205,18 @@ def invert(
     # The loss is far from convex in the timesteps (sinusoidal embeddings): short runs from
     # timesteps spread over [0, T) (restart r starts every candidate in the r-th stratum), then
     # the best of them runs to the end.
+    # One more start from the timesteps the time MLP's update points at (`timestep_guess`).
+    guess = timestep_guess(unet, observed, last, steps * b * k)
     candidates = []
-    for r in range(settings.restarts):
+    for r in range(settings.restarts + (guess is not None)):
         x0 = 0.1 * torch.randn((b, *image_shape), generator=gen)
         eps = torch.randn((steps, b, k, *image_shape), generator=gen)
-        u = (r + torch.rand((steps, b, k), generator=gen)) / settings.restarts
+        if r < settings.restarts:
+            u = (r + torch.rand((steps, b, k), generator=gen)) / settings.restarts
+        else:
+            assert guess is not None
+            picks = guess[torch.arange(steps * b * k) % len(guess)]
+            u = ((picks + 0.5) / (last + 1)).reshape(steps, b, k)
         t_logit = torch.logit(u.clamp(1e-3, 1 - 1e-3))
         losses = _descend(objective, [x0, eps, t_logit], settings.warmup, settings.step_size, bar)
         candidates.append((losses[-1] if losses else 0.0, [x0, eps, t_logit], losses))

@@ -13,6 +13,8 @@ EPILOG = """examples:
   fedgen pretrain                                   # the public base the demo fine-tunes (cached)
   fedgen attack runs/default                        # how much does the released model leak?
   fedgen audit-dp runs/default                      # does fedgen's DP-SGD privatise as claimed?
+  fedgen simulate experiment=invert_easy            # the coordinator keeps every update ...
+  fedgen invert runs/invert-easy                    # ... and turns one back into images
   fedgen sweep                                      # no DP, epsilon 10, 4, 1 side by side
   fedgen sweep sweep.privacy=[none,eps8] federation.num_rounds=10 sweep.name=r10
   fedgen report runs/budgets                        # rewrite a run's or a sweep's report.md
@@ -74,6 +76,25 @@ def _audit_dp(args: argparse.Namespace) -> int:
     given = {"hospital": args.hospital, "canaries": args.canaries, "images": args.images}
     settings = DpAuditSettings(**{k: v for k, v in given.items() if v is not None})
     audit_run_dp(args.run_dir, settings)
+    return 0
+
+
+def _invert(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from attacks.inversion import InversionSettings
+    from fedgen.running.invert import invert_run
+    from fedgen.running.preflight import check_count, check_writable
+
+    check_count(args.round, "--round", 1)
+    check_count(args.hospital, "--hospital", 0)
+    check_count(args.images, "--images", 1)
+    check_count(args.iterations, "--iterations", 1)
+    check_count(args.restarts, "--restarts", 1)
+    check_writable(args.run_dir, "run_dir")  # invert/, TensorBoard events go there
+    given = {"images": args.images, "iterations": args.iterations, "restarts": args.restarts}
+    settings = dataclasses.replace(InversionSettings(), **{k: v for k, v in given.items() if v is not None})
+    invert_run(args.run_dir, args.round, args.hospital, settings)
     return 0
 
 
@@ -197,6 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     adp.add_argument("--canaries", type=int, help="gradient canaries m (default 8000; more: tighter, slower)")
     adp.add_argument("--images", type=int, help="synthetic X-rays trained on with the canaries (default 64)")
     adp.set_defaults(run=_audit_dp)
+    inv = commands.add_parser(
+        "invert",
+        help="the curious coordinator: invert a recorded hospital update into images (needs federation.record_updates=true)",
+    )
+    inv.add_argument("run_dir", help="a run trained with federation.record_updates=true, e.g. runs/invert-easy")
+    inv.add_argument("--round", type=int, help="which round's update (default: the first recorded)")
+    inv.add_argument("--hospital", type=int, help="whose update (default 0; under secure aggregation: the aggregate)")
+    inv.add_argument("--images", type=int, help="candidate images (default: the hospital's expected batch size)")
+    inv.add_argument("--iterations", type=int, help="iterations for the best start (default 300)")
+    inv.add_argument("--restarts", type=int, help="short starts from spread timesteps before the best one runs on (default 8)")
+    inv.set_defaults(run=_invert)
     sw = commands.add_parser(
         "sweep",
         help="train, attack and measure one federation per privacy setting, and compare them",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedgen.hospital_level_schema import HospitalLevelConfig, hospital_level_problems
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATA_SOURCES = ("synthetic", "medmnist", "folder", "dicom")
 SYNTHETIC_MIN_SIZE = 16  # smaller, the synthetic X-rays' anatomy and nodules are a few blurred pixels
@@ -80,6 +82,7 @@ class PrivacyConfig:
     # lifetime ledger, `fedgen.privacy.lifetime`): a run whose whole plan would pass it is refused
     # before it trains. null: no limit (every run is still recorded).
     lifetime_budget: float | None = None
+    hospital_level: HospitalLevelConfig = field(default_factory=HospitalLevelConfig)  # the coordinator's DP, off by default
 
 
 @dataclass
@@ -144,6 +147,7 @@ class FederationConfig:
     secure_aggregation: bool = False
     secagg_clipping_range: float = 1.0  # a hospital refuses an update with |coordinate x its weight share| above it
     secagg_max_weight: float = 10000.0  # the largest num-examples (training images) a hospital may weigh in with
+    record_updates: bool = False  # the curious coordinator keeps what it receives (<run>/updates/) for `fedgen invert`
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     sample_every: int = 1  # rounds between fixed-noise sample grids in TensorBoard
     num_samples: int = 16
@@ -323,18 +327,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(d.heldout_fraction + d.validation_fraction < 1.0, "data.heldout_fraction",
              "held-out plus validation fractions leave no patients to train on")
     if p.enabled:
-        _require(
-            p.target_epsilon > 0 and math.isfinite(p.target_epsilon),
-            "privacy.target_epsilon",
-            f"must be a positive finite number, got {p.target_epsilon}",
-        )
+        _require(p.target_epsilon > 0 and math.isfinite(p.target_epsilon), "privacy.target_epsilon",
+                 f"must be a positive finite number, got {p.target_epsilon}")
         _require(0.0 < p.delta < 1.0, "privacy.delta", f"must be in (0, 1), got {p.delta}")
         _require(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {p.max_grad_norm}")
-        _require(
-            p.noise_multiplier is None or p.noise_multiplier > 0,
-            "privacy.noise_multiplier",
-            f"must be > 0 (or null to calibrate), got {p.noise_multiplier}",
-        )
+        _require(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier",
+                 f"must be > 0 (or null to calibrate), got {p.noise_multiplier}")
         _require(p.accountant in ("rdp", "prv"), "privacy.accountant", f"unknown '{p.accountant}'")
         _require(p.unit in ("example", "patient"), "privacy.unit", f"unknown '{p.unit}'; known: example, patient")
     _require(p.lifetime_budget is None or (p.lifetime_budget > 0 and math.isfinite(p.lifetime_budget)),
@@ -383,6 +381,9 @@ def validate(cfg: ExperimentConfig) -> None:
                  f"needs 2 to 63 hospitals sampled per round, got {f.num_hospitals} x fraction_train {f.fraction_train:g}")
         _require(f.secagg_clipping_range > 0, "federation.secagg_clipping_range", "must be > 0")
         _require(f.secagg_max_weight >= 1, "federation.secagg_max_weight", "must be >= 1")
+    for setting, problem in hospital_level_problems(p.hospital_level, f.num_hospitals, f.strategy, f.fraction_train,
+                                                    f.secure_aggregation, p.accountant):
+        raise ConfigError(f"{setting}: {problem}")
     _require(cfg.audit.canaries >= 0, "audit.canaries", f"must be >= 0, got {cfg.audit.canaries}")
 
 

@@ -4,8 +4,11 @@ runs/<name>/
   config.yaml, overrides.json, command.txt   what was run (resolved config and command line)
   tb/                                        TensorBoard events
   checkpoints/round-0003.pt                  global model after each round (+ history so far)
+  updates/round-0003/hospital-1.pt           what the coordinator received (federation.record_updates);
+                                             aggregate.pt under secure aggregation, global.pt: round 1's start
   pipeline/                                  the final global model as a diffusers DDPMPipeline
   hospitals/hospital-0/{ledger,records}.json each hospital's epsilon ledger and member/held-out split
+  hospital_level_ledger.json                 the coordinator's hospital-level ledger (privacy.hospital_level)
   metrics.json                               per-round history and every hospital's ledger
   privacy.json                               the privacy card: every hospital's (sigma, q, steps) and epsilons
   base.json                                  where round 0's weights came from (model.init, sha256)
@@ -96,6 +99,13 @@ class RunDir:
 
     def checkpoint_path(self, server_round: int) -> Path:
         return self.checkpoints / f"round-{server_round:04d}.pt"
+
+    updates = property(lambda self: self.root / "updates")
+
+    def update_path(self, server_round: int, name: str) -> Path:
+        """A state dict the coordinator kept of round `server_round`: "hospital-H" (a hospital's
+        returned weights), "aggregate" (the SecAgg+ mean) or "global" (the weights sent)."""
+        return self.updates / f"round-{server_round:04d}" / f"{name}.pt"
 
     def save_checkpoint(self, server_round: int, state: dict, history: list[dict]) -> str:
         """Write the round's checkpoint, carrying the sha256 of its weights; returns the file's

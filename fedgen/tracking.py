@@ -3,6 +3,10 @@
 train/     loss per hospital and mean            privacy/  cumulative epsilon per hospital, max, sigma
 fl/        round time, clients sampled, failed   utility/  validation loss per hospital and mean
 samples    a grid from fixed noise every few rounds; HParams once at the end of the run.
+
+Two guarantees, never mixed: `privacy/epsilon*` and `privacy/noise_multiplier` are the hospitals'
+own DP-SGD (example or patient level, at each hospital); `privacy/hospital_level/*` is the
+coordinator's hospital-level DP (`privacy.hospital_level`), as is `hparam/hospital_level_epsilon`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ class FederationLogger:
             w.add_scalar(f"utility/val_loss/hospital_{h}", m["val-loss"], step)
         if record["evaluate"]:
             w.add_scalar("utility/val_loss", record["val_loss"], step)
+        if "hospital_level" in record:  # the coordinator's guarantee for each hospital as a whole
+            level = record["hospital_level"]
+            w.add_scalar("privacy/hospital_level/epsilon", level["epsilon"], step)
+            w.add_scalar("privacy/hospital_level/noise_std", level["noise_std"], step)
+            w.add_scalar("fl/hospital_level/updates_summed", level["summed"], step)
+            w.add_scalar("fl/hospital_level/updates_clipped", level["clipped"], step)
         w.add_scalar("fl/round_seconds", record["seconds"], step)
         w.add_scalar("fl/clients_sampled", record["sampled"], step)
         w.add_scalar("fl/clients_failed", len(record["failures"]), step)
@@ -78,6 +88,9 @@ class FederationLogger:
             "batch_size": cfg.training.batch_size,
             "strategy": f.strategy,
             "model": cfg.model.name,
+            "hospital_level": "dp" if p.hospital_level.enabled else "none",
+            "hospital_level_target_epsilon": float(p.hospital_level.target_epsilon) if p.hospital_level.enabled else 0.0,
+            "hospital_level_sample_rate": float(p.hospital_level.sample_rate) if p.hospital_level.enabled else 0.0,
         }
         metrics = {f"hparam/{k}": float(v) for k, v in final.items() if isinstance(v, int | float) and math.isfinite(v)}
         self.writer.add_hparams(hparams, metrics, run_name=".")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from fedgen.config import ExperimentConfig, load_config, overrides_from_run_config
 from fedgen.federation.coordinator import Coordinator, RunFailed
 from fedgen.federation.update_checks import EVALUATE_METRIC_KEYS, metrics_problem
+from fedgen.privacy.accounting import BudgetExceededError
 from fedgen.run_dir import RunDir
 from server.secure_aggregation import SecureReporting, run_secure_rounds
 
@@ -34,12 +35,16 @@ class Reporting:
     coordinator: Coordinator
     round_offset: int
     instructions: list[Message]  # this round's training instructions, as sent
+    weighted_by_key: str  # (FedAvg's)
+    train_metrics_aggr_fn: Callable
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
         config["fedgen-round"] = self.round_offset + server_round
         # Each hospital checks its ledger against this before spending anything (`Hospital.account`).
         config["fedgen-accounts"] = json.dumps(self.coordinator.recorded_accounts())
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        if self.coordinator.hospital_dp is not None:  # fraction_train is 1: these are all connected hospitals
+            messages = self._poisson_sample(self.round_offset + server_round, messages)
         self.coordinator.begin_round(self.round_offset + server_round, sampled=len(messages))
         self.instructions = messages  # Flower sets their message ids when it sends them
         return messages
@@ -72,12 +77,45 @@ class Reporting:
                 continue
             seen.add(hospital)
             self.coordinator.record_train(hospital, dict(msg.content.metric_records["metrics"]))
+            if fed.record_updates:  # the curious coordinator keeps it (`fedgen invert`)
+                update = msg.content.array_records["arrays"].to_torch_state_dict()
+                self.coordinator.record_update(self.round_offset + server_round, hospital, update)
             accepted.append(msg)
         required = self.coordinator.required_updates(len(sent_to))
         if len(accepted) < required:
             self.coordinator.record_model_unchanged(len(accepted), required)
             accepted = []
+        if self.coordinator.hospital_dp is not None:
+            return self._release_hospital_level(server_round, accepted)
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+
+    def _poisson_sample(self, server_round: int, messages: list[Message]) -> list[Message]:
+        """Hospital-level DP: each hospital is in the round with probability q_h, independently
+        and secretly; the round is refused first if it would pass the hospital-level budget."""
+        hospital_dp = self.coordinator.hospital_dp
+        assert hospital_dp is not None
+        try:
+            hospital_dp.begin_round(server_round)
+        except BudgetExceededError as err:
+            error = f"hospital level, at the coordinator: {err}"
+            _say(error)
+            self.coordinator.stop("refused", error)
+            raise RunFailed(self.coordinator.run_dir.metrics, error) from err
+        return [m for m, keep in zip(messages, hospital_dp.sample(len(messages)), strict=True) if keep]
+
+    def _release_hospital_level(self, server_round: int, accepted: list[Message]):
+        """DP-FedAvg in fedgen's own aggregation (fedgen.privacy.hospital_level), not Flower's
+        DifferentialPrivacyServerSideFixedClipping: that one samples a fixed number of nodes, weights
+        updates by num-examples and divides the noise by the number that replied (so one hospital's
+        share is not bounded by C / expected count), and draws the noise from numpy's global generator."""
+        hospital_dp = self.coordinator.hospital_dp
+        assert hospital_dp is not None
+        updates = [m.content.array_records["arrays"].to_torch_state_dict() for m in accepted]
+        state, info = hospital_dp.release(self.round_offset + server_round, self.coordinator.global_state(), updates)
+        self.coordinator.record_hospital_level(info)
+        contents = [m.content for m in accepted]
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else MetricRecord()
+        return ArrayRecord(state), metrics
 
     def _check_train_reply(self, msg: Message, seen: set[int]) -> tuple[int | None, str | None]:
         """(reported hospital, why the reply must be dropped or None). Nothing in a reply is trusted:

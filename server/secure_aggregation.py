@@ -156,6 +156,8 @@ class SecureReporting:
         mean = parameters_to_ndarrays(legacy.results[0][1].parameters)
         global_state = arrays.to_torch_state_dict()
         new_state = apply_update(global_state, {k: torch.from_numpy(a) for k, a in zip(keys, mean, strict=True)})
+        # All the coordinator ever sees of the weights: the mean (`fedgen invert` attacks this).
+        coordinator.record_update(self.round_offset + server_round, None, new_state)  # type: ignore[attr-defined]
         problem = update_problem(global_state, new_state, cfg.federation.max_update_norm)
         if problem:  # no single hospital can be named: the sum is all the coordinator has
             coordinator.record_rejection(None, f"the securely aggregated update: {problem}")

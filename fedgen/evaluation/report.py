@@ -54,7 +54,7 @@ def write_run_report(run_dir: str | Path, row: dict | None = None) -> Path:
         _summary(row, attack),
         _trained(run, row, metrics),
         starting_point(read_json(run.base)),
-        _guarantee(row, metrics, read_json(run.privacy_card)),
+        _guarantee(row, metrics, read_json(run.privacy_card)) + _hospital_level(read_json(run.privacy_card)),
         _utility(row, utility),
         _attacks(row, attack, run.root),
         "## Samples\n\n"
@@ -172,6 +172,9 @@ def _patient(entry: dict) -> str:
 
 def _guarantee(row: dict, metrics: dict, card: dict | None = None) -> str:
     if row["privacy"] != "dp":
+        if card and card.get("hospital_level"):
+            return ("## The guarantee\n\nNo DP-SGD at the hospitals (no example- or patient-level "
+                    "guarantee); only the coordinator's hospital-level one below.")
         return (
             "## The guarantee\n\nNone. This run trained without differential privacy (no clipping, no "
             "noise): nothing bounds what the model reveals about a training image beyond what the "
@@ -222,6 +225,23 @@ def _guarantee(row: dict, metrics: dict, card: dict | None = None) -> str:
             "Mironov 2017; `privacy.json` holds every hospital's (sigma, q, steps) to recompute it). It "
             "holds only if the implementation is right; the attacks below and `fedgen audit-dp` test that.",
         ]
+    )
+
+
+def _hospital_level(card: dict) -> str:
+    """The coordinator's guarantee (privacy.hospital_level), a second one beside the hospitals'."""
+    h = card.get("hospital_level")
+    if not h:
+        return ""
+    return (
+        "\n\n### Hospital level, at the coordinator\n\n"
+        + ("**No guarantee: the coordinator's noise was reproducible from the config.** " if h["reproducible_noise"] else "")
+        + f"A separate guarantee for each hospital as a whole (whether it took part, and its whole silo): "
+        f"(epsilon, delta) = ({fmt(number(h['epsilon']))}, {fmt(number(h['delta']))}) over {h['rounds']} of "
+        f"{h['planned_rounds']} planned rounds (budget {fmt(number(h['budget']))}, {h['accountant'].upper()} accountant). "
+        f"DP-FedAvg: each round every hospital was sampled with probability {fmt(number(h['sample_rate']))}, its update "
+        f"clipped to norm {fmt(number(h['clipping_norm']))}, and Gaussian noise of std {fmt(number(h['noise_std_on_sum']))} "
+        f"added to the sum, divided by the {h['denominator']}. `privacy.json` ('hospital_level') holds its history."
     )
 
 

@@ -20,9 +20,10 @@ from fedgen.config import ExperimentConfig
 from fedgen.diffusion import sample_images
 from fedgen.federation.update_checks import StateDict, update_problem
 from fedgen.model import build_scheduler
+from fedgen.privacy.hospital_level import LEDGER_FILE, HospitalLevelDP
 from fedgen.privacy.lifetime import run_lifetimes
 from fedgen.privacy.privacy_card import privacy_card
-from fedgen.run_dir import RunDir, read_json, write_json
+from fedgen.run_dir import RunDir, read_json, save_torch, write_json
 from fedgen.seeding import torch_generator
 from fedgen.tracking import FederationLogger
 
@@ -56,6 +57,8 @@ class Coordinator:
         self.history: list[dict] = []
         self.checkpoint_hashes: dict[str, str] = dict(run_dir.read_metrics().get("checkpoints", {}))
         self.accounts: dict[str, dict] = {}  # the hospitals' own ledgers, from the last roll call
+        # The coordinator's own DP (privacy.hospital_level); its ledger file carries across resumes.
+        self.hospital_dp = HospitalLevelDP(cfg, run_dir.root / LEDGER_FILE) if cfg.privacy.hospital_level.enabled else None
         if checkpoint is not None:
             self.unet.load_state_dict(checkpoint["model"])
             self.start_round = int(checkpoint["round"])
@@ -87,6 +90,10 @@ class Coordinator:
             "spent": {},  # metrics of rejected updates: the hospital spent that epsilon all the same
             "model_unchanged": False,
         }
+        # The weights sent this round are the last round's checkpoint; round 1's (the initial model)
+        # has none, so a coordinator that records updates keeps them beside the updates.
+        if self.cfg.federation.record_updates and not self.run_dir.checkpoint_path(server_round - 1).exists():
+            save_torch(self.run_dir.update_path(server_round, "global"), self.global_state())
         # Progress inside a round: the hospitals train in other processes; the round line follows.
         self.log(f"round {server_round}/{self.cfg.federation.num_rounds}: {sampled} hospital(s) training...")
 
@@ -112,6 +119,16 @@ class Coordinator:
         who = f"hospital {hospital if hospital is not None else '?'}" + (f" (node {node})" if node is not None else "")
         self.log(f"  ! rejected the update of {who}: {reason}")
 
+    def record_update(self, server_round: int, hospital: int | None, state: StateDict) -> None:
+        """The curious coordinator (`federation.record_updates`): keep a state dict it received,
+        written at once (only the current one is held): a hospital's returned weights, or with
+        `hospital` None the SecAgg+ aggregate, which is all it ever sees then. `fedgen invert`
+        attacks them."""
+        if not self.cfg.federation.record_updates:
+            return
+        name = "aggregate" if hospital is None else f"hospital-{hospital}"
+        save_torch(self.run_dir.update_path(server_round, name), {k: v.detach().cpu() for k, v in state.items()})
+
     def record_secure_aggregation(self, info: dict) -> None:
         """A SecAgg+ round: which hospitals' updates were summed (never seen one by one), the
         protocol's threshold and the quantisation error bound (fedgen.federation.secure_aggregation)."""
@@ -124,8 +141,14 @@ class Coordinator:
 
     def required_updates(self, sampled: int) -> int:
         """Usable updates a round needs: every sampled hospital unless min_train_nodes says fewer suffice."""
+        if self.hospital_dp is not None:  # every round releases sum + noise (fedgen.privacy.hospital_level)
+            return 0
         wanted = self.cfg.federation.min_train_nodes
         return min(wanted, sampled) if wanted else sampled
+
+    def record_hospital_level(self, info: dict) -> None:
+        """The round's hospital-level release: updates summed and clipped, noise, epsilon so far."""
+        self.current["hospital_level"] = info
 
     def record_evaluate(self, hospital: int, metrics: dict) -> None:
         self.current["evaluate"][hospital] = metrics
@@ -151,8 +174,11 @@ class Coordinator:
         n = self.cfg.federation.num_rounds
         self.log(
             f"round {server_round}/{n} | train loss {record['train_loss']:.4f} | "
-            f"val loss {record['val_loss']:.4f} | epsilon max {record['epsilon_max']:.3f} | "
-            f"{len(record['train'])}/{record['sampled']} hospitals ok | {record['seconds']:.1f} s"
+            f"val loss {record['val_loss']:.4f} | epsilon max {record['epsilon_max']:.3f} "
+            f"({self.cfg.privacy.unit + ' level, at each hospital' if self.cfg.privacy.enabled else 'no DP-SGD at the hospitals'}) | "
+            + (f"epsilon {record['hospital_level']['epsilon']:.3f} (hospital level, at the coordinator) | "
+               if "hospital_level" in record else "")
+            + f"{len(record['train'])}/{record['sampled']} hospitals ok | {record['seconds']:.1f} s"
         )
 
     # --- outputs -----------------------------------------------------------------------------
@@ -228,7 +254,10 @@ class Coordinator:
             "epsilon_max": max(eps) if eps else float("nan"),
             "noise_multiplier": max((v["noise_multiplier"] for v in ledgers.values()), default=0.0),
             # Any hospital whose DP noise was reproducible from the config voids the run's guarantee.
-            "reproducible_noise": any(v["reproducible_noise"] for v in ledgers.values()),
+            "reproducible_noise": any(v["reproducible_noise"] for v in ledgers.values())
+            or bool(self.hospital_dp and self.hospital_dp.reproducible),
+            **({"hospital_level_epsilon": self.hospital_dp.ledger.epsilon,
+                "hospital_level_noise_multiplier": self.hospital_dp.noise_multiplier} if self.hospital_dp else {}),
             "val_loss": last.get("val_loss", float("nan")),
             "train_loss": last.get("train_loss", float("nan")),
             "rounds_completed": len(self.history),
@@ -239,7 +268,8 @@ class Coordinator:
     def write_metrics(self, status: str, error: str = "") -> None:
         ledgers = self.ledgers()
         write_json(self.run_dir.privacy_card, privacy_card(self.cfg.privacy.enabled, self.cfg.privacy.accountant, ledgers,
-                                                            self.cfg.privacy.unit, run_lifetimes(self.run_dir.root)))
+                                                            self.cfg.privacy.unit, run_lifetimes(self.run_dir.root),
+                                                            self.hospital_dp.to_dict() if self.hospital_dp else None))
         write_json(
             self.run_dir.metrics,
             {
@@ -253,6 +283,10 @@ class Coordinator:
                 # True: the coordinator received only the sum of the hospitals' updates (SecAgg+),
                 # so an attack on this run's updates can only attack the aggregate.
                 "secure_aggregation": self.cfg.federation.secure_aggregation,
+                # The coordinator's hospital-level ledger (privacy.hospital_level), or None when off.
+                "hospital_level": self.hospital_dp.to_dict() if self.hospital_dp else None,
+                # True: the coordinator kept what it received (updates/), for `fedgen invert`.
+                "record_updates": self.cfg.federation.record_updates,
             },
         )
 
@@ -284,7 +318,8 @@ class Coordinator:
 def model_card(cfg: ExperimentConfig, summary: dict, base: dict) -> str:
     """The released pipeline's README: what it is, what it started from, what protects whom."""
     if not cfg.privacy.enabled:
-        privacy = "None: trained without differential privacy. It may reveal its training images."
+        privacy = ("No DP-SGD at the hospitals." if cfg.privacy.hospital_level.enabled else
+                   "None: trained without differential privacy. It may reveal its training images.")
     elif summary.get("reproducible_noise", True):
         privacy = ("None: `privacy.reproducible_noise` derived the DP noise from the config (a test "
                    "switch); the accountant's epsilon is no guarantee.")
@@ -292,6 +327,12 @@ def model_card(cfg: ExperimentConfig, summary: dict, base: dict) -> str:
         privacy = (f"Example-level (epsilon, delta)-DP for each hospital's training images: epsilon "
                    f"{summary.get('epsilon_max', float('nan')):.3g} at most, delta {cfg.privacy.delta:g} "
                    f"({cfg.privacy.accountant.upper()} accountant, DP-SGD with secret noise and sampling).")
+    h = cfg.privacy.hospital_level
+    if h.enabled:  # a second, separate guarantee: the coordinator's, for each hospital as a whole
+        privacy += (f" Hospital-level (epsilon, delta)-DP at the coordinator for each hospital's participation and "
+                    f"whole silo: epsilon {summary.get('hospital_level_epsilon', float('nan')):.3g}, delta {h.delta:g} "
+                    f"(DP-FedAvg: Poisson sampling q_h={h.sample_rate:g}, clipping {h.clipping_norm:g}, "
+                    f"{'NO guarantee: noise reproducible from the config' if cfg.privacy.reproducible_noise else 'secret noise'}).")
     start = base.get("path") or "random weights from the config's seed"
     sha = base.get("weights_sha256", "not recorded")
     return (

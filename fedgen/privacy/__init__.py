@@ -4,6 +4,8 @@ ledger), `randomness` (the secret Gaussian noise and Poisson sampling, from the 
 CSPRNG), `per_sample_grads` (exact per-example gradients of the denoising loss), `dp_sgd` (local
 training, DP-SGD or plain), and the white-box audit of that DP-SGD: `gradient_canaries` (Dirac
 gradient rows injected into a step) and `dp_audit` (one audited run, a lower bound on epsilon).
+`hospital_level` is the coordinator's own mechanism (DP-FedAvg: Poisson sampling of hospitals,
+clipped updates, noise on the sum) with its ledger, a second guarantee beside the hospitals'.
 
 May import the layers below it: `fedgen.seeding`, `fedgen.config`, `fedgen.model`,
 `fedgen.diffusion`, `fedgen.run_dir` and `fedgen.data`. It knows nothing of tracking, the

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from fedgen.group_privacy import group_epsilon
 from fedgen.privacy.accounting import epsilon_of
+from fedgen.privacy.hospital_level import hospital_level_card
 
 CARD_VERSION = 1
 
@@ -41,17 +42,18 @@ def hospital_card(ledger: dict, accountant: str, unit: str = "example") -> dict:
 
 
 def privacy_card(enabled: bool, accountant: str, ledgers: dict, unit: str = "example",
-                 lifetime: dict | None = None) -> dict:
+                 lifetime: dict | None = None, hospital_level: dict | None = None) -> dict:
     """`lifetime`: {hospital: its site's lifetime totals and every run's history}
-    (`fedgen.privacy.lifetime.run_lifetimes`); a deployed run's sites keep theirs."""
+    (`fedgen.privacy.lifetime.run_lifetimes`); a deployed run's sites keep theirs.
+    `hospital_level`: the coordinator's ledger (`HospitalLevelDP.to_dict`) when that level is on."""
     lifetime = {"hospitals": lifetime or {}, "note": "what each hospital's site spent on its patients "
                 "over all its runs, this one included (fedgen budget <runs dir or site>)"}
-    if not enabled:
-        return {"version": CARD_VERSION, "dp": False, "hospitals": {}, "lifetime": lifetime}
-    return {
-        "lifetime": lifetime,
-        "version": CARD_VERSION,
-        "dp": True,
-        "level": f"{unit}-level DP-SGD at each hospital (no hospital-level noise)",
-        "hospitals": {h: hospital_card(v, accountant, unit) for h, v in ledgers.items() if v.get("history")},
-    }
+    card: dict = {"version": CARD_VERSION, "dp": False, "hospitals": {}, "lifetime": lifetime}
+    if enabled:
+        card.update(dp=True, hospitals={h: hospital_card(v, accountant, unit) for h, v in ledgers.items() if v.get("history")})
+    levels = [f"{unit}-level DP-SGD at each hospital ('hospitals')"] if enabled else []
+    if hospital_level is not None:
+        card.update(dp=True, hospital_level=hospital_level_card(hospital_level))
+        levels.append("hospital-level DP at the coordinator ('hospital_level')")
+    card["level"] = " + ".join(levels) if levels else "none"
+    return card

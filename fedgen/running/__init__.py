@@ -1,5 +1,6 @@
 """The commands' machinery: `simulate` (`fedgen simulate`, Flower's simulation engine), `sweep`
-(`fedgen sweep`), `deploy` (Flower's deployment engine across machines) and `deploy_commands`
+(`fedgen sweep`), `invert` (`fedgen invert`: the curious coordinator's gradient inversion of an
+update it recorded), `deploy` (Flower's deployment engine across machines) and `deploy_commands`
 (`fedgen deploy`), `loopback` (a whole TLS federation on one machine), `processes` (starting
 Flower's processes and stopping every one) and `certificates` (test certificates and node keys).
 Flower runs in the processes they start; they never import `flwr`.

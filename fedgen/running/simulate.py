@@ -174,6 +174,13 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
     from fedgen.running.pretrain import ensure_base
 
     rows = plan_table(cfg)  # impossible privacy or data settings fail here, before any training
+    level = cfg.privacy.hospital_level
+    if level.enabled:  # the coordinator's own DP: a budget no noise can meet fails here too
+        from fedgen.privacy.hospital_level import hospital_level_sigma
+
+        level_line = (f"  hospital level, at the coordinator: epsilon {level.target_epsilon:g}, delta {level.delta:g}, "
+                      f"q_h {level.sample_rate:g}, clipping {level.clipping_norm:g}, "
+                      f"sigma {hospital_level_sigma(cfg):.3f} over {cfg.federation.num_rounds} rounds")
     ensure_base(cfg, cfg.runs_dir, echo)  # trains fedgen's public base once, if the run starts from it
     echo(start_line(cfg))
     for row in rows:
@@ -181,6 +188,8 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
         echo(f"  hospital {row['hospital']}: {row['train']} training images "
              f"({row['heldout']} held out, {row['validation']} validation), q {row['q']:.3f}{' ' + row['per'] if row['per'] else ''}, "
              f"{row['steps']} planned steps{sigma}")
+    if level.enabled:
+        echo(level_line)
     if prepare_run_dir(run_dir, cfg, overrides, argv or sys.argv):
         echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
         return run_dir
