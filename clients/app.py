@@ -19,7 +19,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedgen.config import load_config, overrides_from_run_config
 from fedgen.federation.hospital import Hospital, silos_for
-from fedgen.federation.secure_aggregation import masking_problem, update_delta
+from fedgen.federation.secure_aggregation import KEYS, masking_problem, update_delta
 from fedgen.federation.site import check_site_privacy, site_budget, site_home, site_silo
 from fedgen.run_dir import RunDir
 
@@ -59,9 +59,6 @@ def recorded_account(config: ConfigRecord, hospital: Hospital) -> dict | None:
 class UpdateRefused(RuntimeError):
     """The hospital will not mask and send this update (secure aggregation: the server cannot check it)."""
 
-
-# The state-dict keys (a JSON list) of the flat list of arrays a SecAgg+ instruction carries (legacy FitIns).
-KEYS = "fedgen-keys"
 
 
 @lru_cache(maxsize=8)

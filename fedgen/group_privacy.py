@@ -26,8 +26,13 @@ def group_epsilon(history: list[tuple[float, float, int]], group_size: int, delt
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     if not history:
         return 0.0
+    epsilon, _ = get_privacy_spent(orders=GROUP_ORDERS, rdp=group_rdp(history, group_size), delta=delta)
+    return float(epsilon)
+
+
+def group_rdp(history: list[tuple[float, float, int]], group_size: int) -> list[float]:
+    """The RDP curve at GROUP_ORDERS of a group of `group_size` examples under `history`."""
     c = math.ceil(math.log2(group_size)) if group_size > 1 else 0
     orders = [2**c * beta for beta in GROUP_ORDERS]
     rdp = sum(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders) for sigma, q, steps in history)
-    epsilon, _ = get_privacy_spent(orders=GROUP_ORDERS, rdp=[3**c * r for r in rdp], delta=delta)
-    return float(epsilon)
+    return [3**c * float(r) for r in rdp] if history else [0.0] * len(GROUP_ORDERS)

@@ -27,10 +27,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedgen.federation.secure_aggregation import SecAggSettings, apply_update
+from fedgen.federation.secure_aggregation import KEYS, SecAggSettings, apply_update
 from fedgen.federation.update_checks import metrics_problem, update_problem
 
-KEYS = "fedgen-keys"  # JSON list: the state-dict keys of the flat array list (clients/app.py reads them)
 FITRES_METRICS = "fitres.metrics"  # where a legacy FitRes keeps its (clear) metrics
 
 

@@ -12,7 +12,6 @@ from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fedgen.base_model import weights_hash
@@ -26,6 +25,7 @@ from fedgen.privacy.lifetime import (
     LIFETIME_FILE,
     all_patients,
     check_lifetime_budget,
+    largest_patient,
     lifetime_budget,
     record_spend,
     run_entry,
@@ -90,8 +90,7 @@ class Hospital:
 
     @property
     def largest_patient(self) -> int:
-        _, counts = np.unique(np.asarray(self.silo.train.patient_ids), return_counts=True)
-        return int(counts.max()) if len(counts) else 1
+        return largest_patient(self.silo.train.patient_ids)
 
     def _default_site(self) -> Path:
         home = self.home.resolve()

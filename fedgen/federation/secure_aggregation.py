@@ -50,6 +50,9 @@ from fedgen.federation.update_checks import StateDict, update_problem
 
 # The integer grid and the mask modulus (Flower's own modulus; its default Q is 2**22). Sums of
 # n quantised shares must stay below the modulus: n * Q < MODULUS, hence MAX_HOSPITALS.
+# The config key of a SecAgg+ training instruction naming, as a JSON list, the state-dict keys of
+# its flat list of arrays (the legacy FitIns carries no names).
+KEYS = "fedgen-keys"
 QUANTIZATION_RANGE = 2**26
 MODULUS_RANGE = 2**32
 MAX_HOSPITALS = MODULUS_RANGE // QUANTIZATION_RANGE - 1

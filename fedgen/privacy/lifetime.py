@@ -37,10 +37,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.analysis.rdp import get_privacy_spent
 
 from fedgen.config import ExperimentConfig
-from fedgen.group_privacy import GROUP_ORDERS
+from fedgen.group_privacy import GROUP_ORDERS, group_rdp
 from fedgen.privacy.accounting import BudgetExceededError, LedgerError, epsilon_of
 
 LIFETIME_VERSION = 1
@@ -103,15 +103,10 @@ def spent_history(entry: dict) -> list[tuple[float, float, int]]:
     return [(float(s), float(q), int(n)) for s, q, n in [*entry.get("history", []), *entry.get("reserved", [])]]
 
 
-def _rdp_in_patients(entry: dict, orders: list[float]) -> list[float]:
-    """An entry's RDP curve per patient at `orders` (>= 2): example-level runs by group privacy."""
+def _rdp_in_patients(entry: dict) -> list[float]:
+    """An entry's RDP curve per patient at GROUP_ORDERS: example-level runs by group privacy."""
     k = int(entry.get("largest_patient", 1)) if entry.get("unit", "example") == "example" else 1
-    c = math.ceil(math.log2(k)) if k > 1 else 0
-    total = [0.0] * len(orders)
-    for sigma, q, steps in spent_history(entry):
-        rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=[2**c * a for a in orders])
-        total = [t + 3**c * float(r) for t, r in zip(total, rdp)]
-    return total
+    return group_rdp(spent_history(entry), k)
 
 
 @dataclass(frozen=True)
@@ -137,7 +132,7 @@ def lifetime_spend(entries: list[dict], delta: float | None = None) -> LifetimeS
     if len({e.get("unit", "example") for e in dp}) == 1:
         epsilon = epsilon_of(histories, "rdp", delta)
     else:
-        rdp = [sum(r) for r in zip(*(_rdp_in_patients(e, GROUP_ORDERS) for e in dp))]
+        rdp = [sum(r) for r in zip(*(_rdp_in_patients(e) for e in dp))]
         epsilon = float(get_privacy_spent(orders=GROUP_ORDERS, rdp=rdp, delta=delta)[0])
     return LifetimeSpend(epsilon, delta, unit, len(entries))
 
