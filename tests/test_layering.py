@@ -19,7 +19,7 @@ MAX_LINES = 400
 # Low to high. A module may import its own layer and the layers below it, never one above.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("seeding, config, audit_bounds, group_privacy",
-     ("fedgen.seeding", "fedgen.config", "fedgen.hospital_level_schema", "fedgen.audit_bounds", "fedgen.group_privacy")),
+     ("fedgen.seeding", "fedgen.config", "fedgen.schema", "fedgen.hospital_level_schema", "fedgen.audit_bounds", "fedgen.group_privacy")),
     ("model, diffusion, run_dir, data",
      ("fedgen.model", "fedgen.base_model", "fedgen.trainable", "fedgen.diffusion", "fedgen.run_dir", "fedgen.data")),
     ("privacy", ("fedgen.privacy",)),
