@@ -192,6 +192,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(0.0 <= t.ema_decay < 1.0, "training.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _require(t.max_physical_batch_size >= 0, "training.max_physical_batch_size",
              f"must be >= 0 (0: no limit), got {t.max_physical_batch_size}")
+    r = t.timestep_range
+    _require(r is None or (len(r) == 2 and 0 <= r[0] < r[1] <= m.num_train_timesteps), "training.timestep_range",
+             f"must be [low, high] with 0 <= low < high <= model.num_train_timesteps ({m.num_train_timesteps}), got {r}")
     pre = cfg.pretrain
     for name in ("num_patients", "images_per_patient", "num_sources", "epochs", "batch_size"):
         _require(getattr(pre, name) >= 1, f"pretrain.{name}", f"must be >= 1, got {getattr(pre, name)}")

@@ -47,11 +47,14 @@ class Diffusion:
         return self.q_sample_with(x0, eps, a, b)
 
     def draw(
-        self, x0: torch.Tensor, draws: int, generator: torch.Generator | None = None
+        self, x0: torch.Tensor, draws: int, generator: torch.Generator | None = None,
+        timesteps: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Uniform timesteps [B, K] and Gaussian noise [B, K, C, H, W] for K draws per example."""
+        """Uniform timesteps [B, K] in [low, high) (`timesteps`; default all of them) and Gaussian
+        noise [B, K, C, H, W] for K draws per example."""
         b = x0.shape[0]
-        t = torch.randint(0, self.num_timesteps, (b, draws), generator=generator, device="cpu")
+        low, high = timesteps or (0, self.num_timesteps)
+        t = torch.randint(low, high, (b, draws), generator=generator, device="cpu")
         eps = torch.randn((b, draws, *x0.shape[1:]), generator=generator, device="cpu")
         return t.to(x0.device), eps.to(x0.device)
 

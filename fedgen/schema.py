@@ -95,6 +95,11 @@ class TrainingConfig:
     # > 0: per-example gradients are computed in chunks of at most this many images and summed
     # before the one noisy step (Opacus-style virtual steps): logical batches larger than memory.
     max_physical_batch_size: int = 0
+    # [low, high): the hospitals train on these diffusion timesteps only (null: all). The others keep
+    # what the base learned: a DP fine-tune spends its budget where the private images differ from
+    # the public ones (their global style is set at the high-noise steps). DPDM and DP-SynGen
+    # (REFERENCES.md) likewise move the training's noise levels for DP.
+    timestep_range: list[int] | None = None
 
 
 @dataclass
@@ -146,9 +151,8 @@ class FederationConfig:
     # recognisable X-rays with DDPM at the same number of steps.
     sampling_method: str = "ddpm"
     client_cpus: int = 1  # simulation: CPU cores reserved per simulated hospital
-    # simulation on one machine: hospitals that train at once (0: all of them, at most 8). Ray is
-    # told there are this many x client_cpus CPUs, so 3 hospitals on 2 cores train side by side
-    # instead of in two waves (the second leaving a core idle).
+    # simulation on one machine: hospitals that train at once (0: every hospital of a small
+    # federation, else one per core; at most 8: `fedgen.running.simulate.parallel_hospitals`).
     parallel_clients: int = 0
     client_gpus: float = -1.0  # simulation: GPUs per simulated hospital; -1 = 1 if CUDA is present
 

@@ -30,6 +30,8 @@ def test_default_composes_to_typed_config():
         ("model.norm_num_groups=5", "model.norm_num_groups"),
         ("federation.sampling_method=euler", "federation.sampling_method"),
         ("federation.sampling_steps=0", "federation.sampling_steps"),
+        ("training.timestep_range=[500,100]", "training.timestep_range"),
+        ("training.timestep_range=[0,1001]", "training.timestep_range"),
     ],
 )
 def test_impossible_settings_fail_naming_the_setting(override, setting):

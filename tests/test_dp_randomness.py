@@ -131,8 +131,8 @@ def test_a_deployed_hospital_refuses_reproducible_noise_unless_its_node_allows_i
 class RecordingDiffusion(Diffusion):
     """Keeps the timesteps of every (timestep, noise) draw local training makes."""
 
-    def draw(self, x0, draws, generator=None):
-        t, eps = super().draw(x0, draws, generator=generator)
+    def draw(self, x0, draws, generator=None, timesteps=None):
+        t, eps = super().draw(x0, draws, generator=generator, timesteps=timesteps)
         self.timesteps.append(t.clone())
         return t, eps
 
@@ -154,3 +154,12 @@ def test_the_diffusion_draws_are_secret_unless_reproducible(base_config):
     assert not torch.equal(_timesteps_drawn(secret), _timesteps_drawn(secret))
     reproducible = dataclasses.replace(secret, privacy=dataclasses.replace(secret.privacy, reproducible_noise=True))
     assert torch.equal(_timesteps_drawn(reproducible), _timesteps_drawn(reproducible))
+
+
+def test_training_draws_only_the_timesteps_it_is_told(base_config):
+    """`training.timestep_range`: a fine-tune spends its budget on those noise levels only."""
+    cfg = _config(base_config, reproducible=False)
+    ranged = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, timestep_range=[600, 1000]))
+    drawn = _timesteps_drawn(ranged)
+    assert drawn.numel() >= 16 and drawn.min() >= 600 and drawn.max() < 1000
+    assert _timesteps_drawn(cfg).min() < 600  # all of them by default (16 draws: P(all >= 600) = 0.4^16)

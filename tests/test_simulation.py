@@ -242,6 +242,28 @@ def test_interrupted_run_resumes_and_the_ledger_continues(tmp_path):
         assert_ledger_equals_one_accountant(run, h, rounds=2)
 
 
+@pytest.mark.slow
+def test_twenty_hospitals_complete_and_every_ledger_is_right(tmp_path):
+    """Scale: 20 simulated hospitals on small silos (3 patients, 6 images each) in one round, with
+    no more Ray workers than the machine's cores can use (`benchmarks/scale.py` goes to 100)."""
+    overrides = [*tiny_overrides(tmp_path, "twenty"), "federation.num_hospitals=20", "federation.num_rounds=1",
+                 "data.num_patients=80", "training.batch_size=4", "model.init=null", "federation.sample_every=0"]
+    done = run_fedgen(overrides)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "twenty"
+    metrics = json.loads((run / "metrics.json").read_text())
+    (record,) = metrics["history"]
+    assert sorted(record["train"], key=int) == [str(h) for h in range(20)] and not record["failures"]
+    cards = json.loads((run / "privacy.json").read_text())["hospitals"]
+    assert sorted(cards, key=int) == [str(h) for h in range(20)]
+    for h in range(20):
+        ledger = EpsilonLedger.load(run / "hospitals" / f"hospital-{h}" / "ledger.json")
+        assert [r["round"] for r in ledger.rounds] == [1] and ledger.steps == record["train"][str(h)]["steps"]
+        one = epsilon_of([(ledger.noise_multiplier, ledger.sample_rate, ledger.steps)], "rdp", ledger.delta)
+        assert ledger.epsilon == pytest.approx(one, rel=1e-12) and one <= ledger.budget
+        assert record["train"][str(h)]["epsilon"] == pytest.approx(one) == cards[str(h)]["epsilon_recomputed"]
+
+
 def test_bad_override_fails_before_any_process_starts(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(TAG_VARIABLE, TAG)  # anything it started would carry the tests' tag
     already = set(fedgen_processes_left())
@@ -254,3 +276,18 @@ def test_bad_override_fails_before_any_process_starts(tmp_path, capsys, monkeypa
     assert "privacy.delta" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no run directory, no Flower process
     assert fedgen_processes_left(already) == []
+
+
+@pytest.mark.parametrize(("hospitals", "cores", "parallel", "expected"), [
+    (3, 2, 0, 3),  # a small federation trains side by side, in one wave
+    (10, 2, 0, 2),  # a large one: one worker per core (each holds its own torch)
+    (100, 2, 0, 2),
+    (100, 16, 0, 8),
+    (5, 16, 0, 5),
+    (100, 2, 4, 4),  # the user's number
+])
+def test_simulated_hospitals_in_parallel(hospitals, cores, parallel, expected):
+    from fedgen.running.simulate import parallel_hospitals
+
+    fed = load_config([f"federation.num_hospitals={hospitals}", f"federation.parallel_clients={parallel}"]).federation
+    assert parallel_hospitals(fed, cores) == expected

@@ -186,6 +186,7 @@ def train_locally(
     unet.train()
     denoiser = unet_denoiser(unet)
     k = cfg.training.noise_multiplicity
+    timesteps = tuple(cfg.training.timestep_range) if cfg.training.timestep_range else None
     loss_sum, loss_count, taken = 0.0, 0, 0
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=steps, desc=f"round {server_round} local", disable=not progress, leave=False)
@@ -199,7 +200,7 @@ def train_locally(
                                                    torch.tensor([len(m) for m in members], dtype=torch.long))
                 index = torch.cat(members) if members else index
             x0 = images[index].to(device)
-            t, eps = diffusion.draw(x0.cpu(), k, generator=gen)
+            t, eps = diffusion.draw(x0.cpu(), k, generator=gen, timesteps=timesteps)
             t, eps = t.to(device), eps.to(device)
             (dp_optimizer or base_optimizer).zero_grad(set_to_none=True)
             if dp_optimizer is not None:

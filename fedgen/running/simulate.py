@@ -71,12 +71,21 @@ def write_run_config(path: Path, overrides: list[str], run_dir: RunDir) -> Path:
     return path
 
 
+def parallel_hospitals(fed, cores: int | None = None) -> int:
+    """Hospitals that train at once (`parallel_clients`; 0 chooses). A small federation trains all
+    at once (3 hospitals on 2 cores side by side, not in two waves that leave a core idle); a
+    larger one gets one worker per core, at most 8: each worker is a process with its own torch
+    (about 0.5 GiB), and more of them than cores add memory, not speed (benchmarks/scale.py)."""
+    if fed.parallel_clients:
+        return fed.parallel_clients
+    cores = cores or os.cpu_count() or 1
+    return fed.num_hospitals if fed.num_hospitals <= min(max(cores, 3), 8) else min(cores, 8)
+
+
 def ray_cpus(fed) -> int:
-    """The CPUs Ray may hand out on this machine: enough for `parallel_clients` hospitals at
-    once, never fewer than the machine has. Each hospital's worker runs one torch thread per CPU
-    it reserves, so oversubscribing a few cores costs little and keeps them all busy."""
-    parallel = fed.parallel_clients or min(fed.num_hospitals, 8)
-    return max(os.cpu_count() or 1, parallel * fed.client_cpus)
+    """The CPUs Ray may hand out: `parallel_hospitals` workers' worth, which is what caps the
+    workers. Each runs one torch thread per CPU it reserves, so 3 on 2 cores costs little."""
+    return parallel_hospitals(fed) * fed.client_cpus
 
 
 def executable(name: str) -> str:
