@@ -22,6 +22,7 @@ from attacks.empirical_epsilon import one_run_epsilon_lb_best
 from attacks.extraction import ExtractionConfig, find_copies, generate, pairs_grid, unique_images
 from attacks.membership import ATTACKS, build_attack
 from attacks.metrics import AttackResult, evaluate_scores
+from attacks.reference import REFERENCE_ATTACKS, ReferenceAttackConfig, run_reference_attacks
 from attacks.targets import candidates_from_run, load_run_config
 from fedgen.config import ConfigError
 from fedgen.data.dataset import DataError
@@ -47,6 +48,8 @@ class AuditSettings:
     confidence: float = 0.95
     bootstrap: int = 1000
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    # lira and rmia (not run by default: they train reference models): their statistic, k, population
+    reference: ReferenceAttackConfig = field(default_factory=ReferenceAttackConfig)
     seed: int = 0
 
 
@@ -57,10 +60,10 @@ def accountant_epsilons(run: RunDir) -> dict[int, float]:
 
 
 def check_attacks(names, setting: str) -> None:
-    unknown = [n for n in names if n not in ATTACKS]
+    unknown = [n for n in names if n not in ATTACKS and n not in REFERENCE_ATTACKS]
     if unknown or not names:
         raise ConfigError(f"{setting}: unknown attack {', '.join(map(repr, unknown)) or '(none)'}; "
-                          f"known: {', '.join(ATTACKS)}")
+                          f"known: {', '.join([*ATTACKS, *REFERENCE_ATTACKS])}")
 
 
 def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), progress: bool = True, log=print) -> dict:
@@ -82,7 +85,17 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         f"{int((~candidates.is_member).sum())} non-members from {len(set(candidates.hospital))} hospitals")
 
     scores = {name: build_attack(name).score(unet, scheduler, candidates.images, settings.batch_size, progress)
-              for name in settings.attacks}
+              for name in settings.attacks if name in ATTACKS}
+    queries = {name: build_attack(name).queries_per_image for name in scores}
+    reference_info: dict = {}
+    if wanted := [n for n in settings.attacks if n in REFERENCE_ATTACKS]:
+        found, reference_info = run_reference_attacks(run, cfg, unet, scheduler, candidates.images, training,
+                                                      settings.reference, wanted, settings.batch_size, progress, log)
+        scores.update(found)
+        queries.update({n: reference_info["queries_per_image_target"] for n in found})
+        log(f"  reference models: {reference_info['training_seconds']:.0f} s, {reference_info['training_steps']} steps "
+            f"({reference_info['from_cache']} of {settings.reference.k} from the cache); statistic "
+            f"{reference_info['statistic']} {reference_info['direction']} (p = {reference_info['direction_p_value']:.2g})")
     uncalibrated = {name: _evaluate(name, s, candidates.is_member, delta, settings) for name, s in scores.items()}
     overall = {name: _pooled(name, s, uncalibrated[name], candidates, delta, settings) for name, s in scores.items()}
     best = max(overall, key=lambda n: overall[n].auc)
@@ -94,7 +107,8 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         "attacks": {n: r.to_dict() for n, r in overall.items()},
         "calibration": "per hospital (scores standardised within each hospital's candidates)",
         "auc_uncalibrated": {n: r.auc for n, r in uncalibrated.items()},
-        "queries_per_image": {n: build_attack(n).queries_per_image for n in settings.attacks},
+        "queries_per_image": queries,
+        "reference_models": reference_info,
         "hospitals": {},
     }
     for h in sorted(set(candidates.hospital.tolist())):
@@ -102,7 +116,9 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         report["hospitals"][h].update(alarm_epsilon(run, h, epsilons.get(h, math.inf)))
     report["reversed"] = reversed_statistics(overall)
     report["alarms"] = _alarms(overall, report["hospitals"], eps_max)
-    report["canary_audit"] = _canary_audit(cfg, unet, scheduler, best, delta, settings, epsilons, progress)
+    single = [n for n in overall if n in ATTACKS]  # the canary audit scores canaries on the target alone
+    best_single = max(single, key=lambda n: overall[n].auc) if single else settings.reference.statistic
+    report["canary_audit"] = _canary_audit(cfg, unet, scheduler, best_single, delta, settings, epsilons, progress)
     if (run.root / "dp_audit.json").exists():  # `fedgen audit-dp`'s white-box audit of the DP-SGD
         report["dp_audit"] = read_json(run.root / "dp_audit.json")
     for alarm in report["alarms"]:

@@ -58,6 +58,10 @@ def _attack(args: argparse.Namespace) -> int:
     if args.attacks:
         settings = dataclasses.replace(settings, attacks=tuple(args.attacks.split(",")))
         check_attacks(settings.attacks, "--attacks")
+    check_count(args.references, "--references", 2)  # RMIA tunes its a on the references: k >= 2
+    reference = dataclasses.replace(settings.reference, k=args.references, statistic=args.reference_statistic,
+                                    population=args.population)
+    settings = dataclasses.replace(settings, reference=reference)
     settings = dataclasses.replace(
         settings, extraction=dataclasses.replace(settings.extraction, num_samples=args.samples)
     )
@@ -199,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     att.add_argument("run_dir", help="a run directory, e.g. runs/default")
     att.add_argument(
-        "--attacks", help="comma-separated subset of: loss,pia,pian,secmi,sima (default: all)"
+        "--attacks", help="comma-separated subset of: loss,pia,pian,secmi,sima,lira,rmia (default: all but "
+        "lira,rmia, which first train --references reference models)"
     )
+    att.add_argument("--references", type=int, default=4, help="lira/rmia: reference models to train (k >= 2)")
+    att.add_argument("--reference-statistic", default="sima", help="lira/rmia: the per-image statistic they calibrate")
+    att.add_argument("--population", default="public", help="lira/rmia: the references' data: public (public-archive "
+                     "patients), hospitals (synthetic patients on the hospitals' scanners) or an image folder")
     att.add_argument(
         "--per-hospital", type=int, default=None, help="members (and non-members) per hospital"
     )

@@ -89,6 +89,8 @@ CASES = [
     (["attack", RUN, "--per-hospital", "0"], ["--per-hospital"]),
     (["attack", RUN, "--samples", "-1"], ["--samples"]),
     (["attack", RUN, "--batch-size", "0"], ["--batch-size"]),
+    (["attack", RUN, "--attacks", "lira", "--references", "0"], ["--references"]),
+    (["attack", RUN, "--attacks", "rmia", "--reference-statistic", "rmia"], ["statistic", "single-model"]),
     (["audit-dp", "{world}/runs/nope"], ["runs/nope"]),
     (["audit-dp", RUN, "--canaries", "1"], ["--canaries"]),
     (["audit-dp", RUN, "--hospital", "-1"], ["--hospital"]),
