@@ -25,6 +25,7 @@ import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from opacus.accountants import IAccountant, create_accountant
@@ -96,19 +97,8 @@ def calibrate_noise(cfg: PrivacyConfig, plan: TrainingPlan) -> float:
             )
         return sigma
     try:
-        with warnings.catch_warnings():
-            # The binary search probes huge sigmas whose optimal RDP order is at the grid's edge.
-            warnings.filterwarnings("ignore", message="Optimal order")
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=cfg.target_epsilon,
-                    target_delta=cfg.delta,
-                    sample_rate=plan.sample_rate,
-                    steps=plan.total_steps,
-                    accountant=cfg.accountant,
-                    epsilon_tolerance=0.01,
-                )
-            )
+        return _noise_multiplier(float(cfg.target_epsilon), float(cfg.delta), plan.sample_rate, plan.total_steps,
+                                 cfg.accountant)
     except ValueError as err:
         raise ConfigError(
             f"privacy.target_epsilon: {cfg.target_epsilon:g} cannot be reached over "
@@ -116,12 +106,29 @@ def calibrate_noise(cfg: PrivacyConfig, plan: TrainingPlan) -> float:
         ) from err
 
 
+# Both below are pure and slow (Opacus's RDP at fractional orders: about 0.2 s an epsilon, 3 s a
+# calibration), and a simulated worker serving many hospitals asks for the same ones again and
+# again (benchmarks/scale.py: most of a 100-hospital round went here). Cached per process.
+@lru_cache(maxsize=256)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    with warnings.catch_warnings():
+        # The binary search probes huge sigmas whose optimal RDP order is at the grid's edge.
+        warnings.filterwarnings("ignore", message="Optimal order")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+
+
 def epsilon_of(history: list[tuple[float, float, int]], accountant: str, delta: float) -> float:
     """Epsilon at delta of a composition [(sigma, q, steps), ...] under an Opacus accountant."""
     if not history:
         return 0.0
+    return _epsilon_of(tuple((float(s), float(q), int(n)) for s, q, n in history), accountant, float(delta))
+
+
+@lru_cache(maxsize=4096)
+def _epsilon_of(history: tuple[tuple[float, float, int], ...], accountant: str, delta: float) -> float:
     acc = create_accountant(accountant)
-    acc.history = [tuple(h) for h in history]
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 
