@@ -123,7 +123,8 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         report["dp_audit"] = read_json(run.root / "dp_audit.json")
     for alarm in report["alarms"]:
         log(f"!!! {alarm}")
-    report["extraction"], copies = _extraction(cfg, unet, scheduler, training, settings.extraction, progress)
+    heldout = candidates.images[np.flatnonzero(~candidates.is_member)]
+    report["extraction"], copies = _extraction(cfg, unet, scheduler, training, heldout, settings.extraction, progress)
     _write(run, report, overall, copies, cfg.federation.num_rounds)
     for name, r in overall.items():
         log(f"  {name:6s} AUC {r.auc:.3f} [{r.auc_ci[0]:.3f}, {r.auc_ci[1]:.3f}]  TPR@1%FPR {r.tpr_at_1pct_fpr:.3f}  "
@@ -132,7 +133,11 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         log(f"  ! {name} runs backwards: its AUC is below chance with 95% confidence, so it carries membership "
             f"signal in the other direction (flipped AUC {flipped:.3f}); read it as a leak, not as safety")
     ex = report["extraction"]
-    log(f"  extraction: {ex['num_flagged']} of {ex['num_samples']} samples flagged as copies")
+    log(f"  extraction: {ex['num_flagged']} of {ex['num_samples']} samples flagged as copies"
+        + (f"; {ex['num_nearer_than_heldout']} nearer a training image than all but "
+           f"{settings.extraction.calibration_quantile:.0%} of held-out images are "
+           f"({ex['expected_by_chance']:.1f} expected by chance, p = {ex['p_value']:.2g})"
+           if ex.get("p_value") is not None else ""))
     log(f"wrote {run.root / 'attack.json'}")
     if report["alarms"]:
         raise AuditAlarm("; ".join(report["alarms"]))
@@ -273,7 +278,7 @@ def _canary_audit(cfg, unet, scheduler, attack_name, delta, settings, epsilons, 
     return out
 
 
-def _extraction(cfg, unet, scheduler, training, ex: ExtractionConfig, progress):
+def _extraction(cfg, unet, scheduler, training, heldout, ex: ExtractionConfig, progress):
     if ex.num_samples <= 0:
         return {"num_samples": 0, "num_flagged": 0}, None
     shape = (1, cfg.data.image_size, cfg.data.image_size)
@@ -284,7 +289,7 @@ def _extraction(cfg, unet, scheduler, training, ex: ExtractionConfig, progress):
         progress,
     )
     unique = unique_images(training)
-    result = find_copies(samples, unique, ex)
+    result = find_copies(samples, unique, ex, heldout)
     summary = {k: v for k, v in result.to_dict().items() if not isinstance(v, list) or k.startswith("flagged")}
     summary["median_nearest_distance"] = float(np.median(result.nearest_distance))
     return summary, pairs_grid(samples, unique, result)

@@ -43,3 +43,23 @@ def test_generate_batches_and_is_seeded():
     a = generate(sample_fn, (1, 4, 4), cfg, progress=False)
     b = generate(sample_fn, (1, 4, 4), cfg, progress=False)
     assert calls == [4, 4, 2, 4, 4, 2] and a.shape == (10, 1, 4, 4) and torch.equal(a, b)
+
+
+def test_nearer_than_heldout_finds_what_the_ratio_misses_and_counts_chance_as_chance():
+    """Images of one anatomy sit near one another, so the ratio test never fires on them; the
+    calibrated criterion compares a sample's nearest training image with held-out images' own."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.rand((1, 1, 8, 8), generator=g) * 2 - 1
+    draw = lambda n: mean + 0.3 * torch.randn((n, 1, 8, 8), generator=g)  # noqa: E731
+    training, heldout = draw(64), draw(400)
+    # Halfway from a fresh image to a training image: not a copy by the ratio test, yet nearer
+    # to the training set than held-out images are.
+    drifted = 0.5 * (draw(20) + training[:20])
+    cfg = ExtractionConfig(calibration_quantile=0.01)
+    memorising = find_copies(torch.cat([drifted, draw(80)]), training, cfg, heldout)
+    assert memorising.flagged_ratio == [] and memorising.flagged_normalised == []
+    assert len(memorising.flagged_nearer_than_heldout) >= 15 and memorising.p_value < 1e-6
+    assert memorising.expected_by_chance == 1.0
+    fresh = find_copies(draw(100), training, cfg, heldout)
+    assert len(fresh.flagged_nearer_than_heldout) <= 5 and fresh.p_value > 0.01
+    assert find_copies(draw(5), training, cfg).p_value is None  # no held-out images: not computed
