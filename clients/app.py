@@ -18,6 +18,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedgen.config import load_config, overrides_from_run_config
+from fedgen.federation.flat_state import FLAT_KEY, pack, unpack
 from fedgen.federation.hospital import Hospital, silos_for
 from fedgen.federation.secure_aggregation import KEYS, masking_problem, update_delta
 from fedgen.federation.site import check_site_privacy, site_budget, site_home, site_silo
@@ -38,6 +39,10 @@ def hospital_for(context: Context) -> Hospital:
     partition = int(node["partition-id"])
     key = (tuple(overrides), str(context.run_config["run-dir"]), partition, str(node.get("data-dir", "")))
     if key not in _hospitals:
+        # A deployed hospital's ClientApp process lives across runs (clients/executor.py): keep
+        # only this run's hospitals (a simulated worker may serve several of them).
+        for old in [k for k in _hospitals if k[:2] != key[:2]]:
+            del _hospitals[old]
         cfg = load_config(overrides)
         budget = site_budget(node)
         if node.get("data-dir"):
@@ -111,19 +116,23 @@ def masked_train(msg: Message, context: Context, call_next) -> Message:
 def train(msg: Message, context: Context) -> Message:
     hospital = hospital_for(context)
     config = msg.content.config_records["config"]
+    received = msg.content.array_records["arrays"].to_torch_state_dict()
     state, metrics = hospital.train(
-        msg.content.array_records["arrays"].to_torch_state_dict(),
+        unpack(received, hospital.template),
         server_round=int(cast(int, config["fedgen-round"])),
         proximal_mu=float(cast(float, config.get("proximal-mu", 0.0))),
         recorded=recorded_account(config, hospital),
     )
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics)})
+    # The reply goes back as the instruction came: packed (one array on the wire) or not (SecAgg+).
+    arrays = ArrayRecord(pack(state) if FLAT_KEY in received else state)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    metrics = hospital_for(context).evaluate(msg.content.array_records["arrays"].to_torch_state_dict())
+    hospital = hospital_for(context)
+    metrics = hospital.evaluate(unpack(msg.content.array_records["arrays"].to_torch_state_dict(), hospital.template))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -13,9 +13,11 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedgen.config import ExperimentConfig, load_config, overrides_from_run_config
 from fedgen.federation.coordinator import Coordinator, RunFailed
+from fedgen.federation.flat_state import FLAT_KEY, pack, unpack
 from fedgen.federation.update_checks import EVALUATE_METRIC_KEYS, metrics_problem
 from fedgen.privacy.accounting import BudgetExceededError
 from fedgen.run_dir import RunDir
+from server.grid import PromptGrid
 from server.secure_aggregation import SecureReporting, run_secure_rounds
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
@@ -76,9 +78,10 @@ class Reporting:
                 self.coordinator.record_rejection(hospital, str(problem), node=node, spent=spent)
                 continue
             seen.add(hospital)
+            self._pack_reply(msg)
             self.coordinator.record_train(hospital, dict(msg.content.metric_records["metrics"]))
             if fed.record_updates:  # the curious coordinator keeps it (`fedgen invert`)
-                update = msg.content.array_records["arrays"].to_torch_state_dict()
+                update = self.state_of(msg.content.array_records["arrays"])
                 self.coordinator.record_update(self.round_offset + server_round, hospital, update)
             accepted.append(msg)
         required = self.coordinator.required_updates(len(sent_to))
@@ -110,12 +113,12 @@ class Reporting:
         share is not bounded by C / expected count), and draws the noise from numpy's global generator."""
         hospital_dp = self.coordinator.hospital_dp
         assert hospital_dp is not None
-        updates = [m.content.array_records["arrays"].to_torch_state_dict() for m in accepted]
+        updates = [self.state_of(m.content.array_records["arrays"]) for m in accepted]
         state, info = hospital_dp.release(self.round_offset + server_round, self.coordinator.global_state(), updates)
         self.coordinator.record_hospital_level(info)
         contents = [m.content for m in accepted]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else MetricRecord()
-        return ArrayRecord(state), metrics
+        return ArrayRecord(pack(state)), metrics
 
     def _check_train_reply(self, msg: Message, seen: set[int]) -> tuple[int | None, str | None]:
         """(reported hospital, why the reply must be dropped or None). Nothing in a reply is trusted:
@@ -132,10 +135,23 @@ class Reporting:
         if hospital in seen:
             return hospital, f"hospital {hospital} already sent an update this round"
         try:
-            update = content.array_records["arrays"].to_torch_state_dict()
+            update = self.state_of(content.array_records["arrays"])
         except Exception as err:  # a hostile payload may not even decode
             return hospital, f"unreadable arrays ({type(err).__name__}: {err})"
         return hospital, self.coordinator.check_update(update)
+
+    def _pack_reply(self, msg: Message) -> None:
+        """A checked reply that came as a plain state dict is packed like the instruction was:
+        FedAvg averages like with like."""
+        arrays = msg.content.array_records["arrays"]
+        if list(arrays.keys()) != [FLAT_KEY]:
+            state = self.state_of(arrays)
+            template = self.coordinator.unet.state_dict()
+            msg.content.array_records["arrays"] = ArrayRecord(pack({k: state[k].float() for k in template}))
+
+    def state_of(self, arrays: ArrayRecord) -> dict:
+        """A model state from a record, packed on the wire or not (`fedgen.federation.flat_state`)."""
+        return unpack(arrays.to_torch_state_dict(), self.coordinator.unet.state_dict())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         usable = []
@@ -225,6 +241,7 @@ def check_accounts_before_resuming(grid: Grid, coordinator: Coordinator) -> None
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = PromptGrid(grid)  # replies are taken as they come, not on Flower's 3 s poll
     cfg = load_config(overrides_from_run_config(context.run_config))
     run_dir = RunDir(str(context.run_config["run-dir"]))
     coordinator = Coordinator(cfg, run_dir, log=_say)
@@ -236,7 +253,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round > 0:
-            coordinator.end_round(strategy.round_offset + server_round, arrays.to_torch_state_dict())
+            coordinator.end_round(strategy.round_offset + server_round, strategy.state_of(arrays))
         return None
 
     if coordinator.rounds_left and cfg.federation.secure_aggregation:
@@ -245,7 +262,7 @@ def main(grid: Grid, context: Context) -> None:
     elif coordinator.rounds_left:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(coordinator.global_state()),
+            initial_arrays=ArrayRecord(pack(coordinator.global_state())),  # one array on the wire
             num_rounds=coordinator.rounds_left,
             train_config=ConfigRecord({}),
             evaluate_config=ConfigRecord({}),

@@ -1,5 +1,9 @@
 """`fedgen deploy` without Flower processes: certificates, the exact Flower commands, the node
-config a hospital's SuperNode passes, and where a deployed hospital keeps its ledger."""
+config a hospital's SuperNode passes, where a deployed hospital keeps its ledger, and the
+ServerApp's prompt Grid."""
+
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +19,14 @@ from fedgen.config import ConfigError, load_config
 from fedgen.federation.hospital import silos_for
 from fedgen.federation.site import site_home, site_silo
 from fedgen.running.certificates import make_certificates
-from fedgen.running.deploy import DeploymentError, node_config, superlink_command, supernode_command
+from fedgen.running.deploy import (
+    DeploymentError,
+    executor_command,
+    node_config,
+    superlink_command,
+    supernode_command,
+)
+from server.grid import PromptGrid
 
 TINY = ["data.num_patients=48", "data.image_size=16", "federation.num_hospitals=3", "name=pilot"]
 
@@ -68,6 +79,12 @@ def test_supernode_command_and_the_node_config_flower_reads(tmp_path):
     assert "--insecure" in supernode_command("h:1", None, None, config, 9094)
     with pytest.raises(DeploymentError):
         supernode_command("h:1", files.ca, None, config, 9094)  # TLS without a node key: refused
+    # By default the SuperNode leaves its ClientApp to fedgen's warm executor, on its Runtime API port.
+    assert command[command.index("--isolation") + 1] == "process"
+    assert executor_command(9094, 123)[3:7] == ["--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "123"]
+    assert "subprocess" in supernode_command("h:1", None, None, config, 9094, isolation="subprocess")
+    with pytest.raises(DeploymentError):
+        supernode_command("h:1", None, None, config, 9094, isolation="thread")
 
 
 def test_deploy_commands_refuse_to_run_without_tls_material(tmp_path, capsys):
@@ -117,6 +134,13 @@ def test_client_app_puts_a_deployed_hospital_home_in_its_data_dir(tmp_path):
     simulated = Context(run_id=1, node_id=8, state=RecordDict(), run_config=run_config,
                         node_config={"partition-id": 0, "num-partitions": 3})
     assert hospital_for(simulated).home == tmp_path.resolve() / "coordinator" / "runs" / "pilot" / "hospitals" / "hospital-0"
+    # A deployed ClientApp process lives across runs (clients/executor.py): it keeps only the
+    # current run's hospitals.
+    from clients.app import _hospitals
+
+    later = {**run_config, "run-dir": str(tmp_path / "coordinator" / "runs" / "later")}
+    hospital_for(Context(run_id=2, node_id=7, state=RecordDict(), run_config=later, node_config=deployed.node_config))
+    assert [key[1] for key in _hospitals] == [later["run-dir"]]
 
 
 def test_deploy_run_refuses_reproducible_noise_unless_insecure(tmp_path):
@@ -128,3 +152,31 @@ def test_deploy_run_refuses_reproducible_noise_unless_insecure(tmp_path):
     shown = []
     deploy_run(overrides, "127.0.0.1:9092", None, print_only=True, echo=shown.append)  # a local test
     assert shown and "flwr" in shown[0]
+
+
+class SlowGrid:
+    """A Grid whose replies can be pulled `delay` seconds after the push."""
+
+    def __init__(self, delay: float):
+        self.delay, self.pulls, self.pushed = delay, 0, 0.0
+
+    def push_messages(self, messages):
+        self.pushed = time.monotonic()
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if time.monotonic() - self.pushed < self.delay:
+            return []
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in message_ids]
+
+
+def test_the_server_takes_replies_as_they_come_not_on_flowers_3_s_poll():
+    grid = SlowGrid(delay=0.3)
+    started = time.monotonic()
+    replies = list(PromptGrid(grid).send_and_receive(["a", "b"]))  # type: ignore[arg-type]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1"]
+    assert time.monotonic() - started < 1.0  # Flower's deployment Grid pulls every 3 s
+    started = time.monotonic()
+    assert list(PromptGrid(SlowGrid(delay=60)).send_and_receive(["a"], timeout=0.3)) == []  # type: ignore[arg-type]
+    assert 0.3 <= time.monotonic() - started < 1.0

@@ -6,6 +6,8 @@ namespace. A failing check prints the tail of every process's log."""
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -19,7 +21,6 @@ from fedgen.model import build_unet
 from fedgen.privacy.accounting import EpsilonLedger, epsilon_of
 from fedgen.running.certificates import CertificateFiles, make_node_key
 from fedgen.running.loopback import LoopbackFederation, Namespaces
-from fedgen.running.processes import descendants
 
 pytestmark = pytest.mark.slow
 ROUND_SECONDS = 420  # generous: on 2 busy cores a round of 3 tiny hospitals has taken 90 s
@@ -39,7 +40,7 @@ def overrides(runs_dir: Path, name: str, rounds: int) -> list[str]:
         "federation.sampling_steps=5",
         "data.num_patients=48",
         "data.image_size=16",
-        "data.validation_fraction=0",  # no evaluate messages: each one starts a ClientApp process
+        "data.validation_fraction=0",  # no evaluate messages: one message per hospital and round
         "training.batch_size=16",
         "pretrain.num_patients=64",  # the coordinator pretrains a small public base first
         "pretrain.epochs=1",
@@ -78,14 +79,10 @@ def assert_one_accountant(ledger: EpsilonLedger) -> None:
     assert [r["epsilon"] for r in ledger.rounds] == sorted(r["epsilon"] for r in ledger.rounds)
 
 
-def clientapps(federation: LoopbackFederation, hospital: int) -> set[int]:
-    """The ClientApp processes hospital `hospital`'s SuperNode is running (one per message)."""
-    found = set()
-    for pid in descendants(federation.nodes[hospital].processes[0].pid):
-        with contextlib.suppress(OSError):
-            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.add(pid)
-    return found
+def freeze_clientapp(federation: LoopbackFederation, hospital: int) -> None:
+    """SIGSTOP hospital `hospital`'s ClientApp executor (beside its SuperNode, `--isolation
+    process`): the SuperNode still takes its next message, which then waits, unanswered."""
+    os.kill(federation.nodes[hospital].processes[1].pid, signal.SIGSTOP)
 
 
 def checkpoint(run: Path, r: int) -> dict:
@@ -161,7 +158,12 @@ def test_two_rounds_then_a_crashed_supernode_and_a_crashed_coordinator(federatio
     with logs_on_failure(federation):
         first = federation.submit(config, "coordinator-1")
         started = time.time()
-        wait_for("round 2's checkpoint", (run / "checkpoints" / "round-0002.pt").exists, 2 * ROUND_SECONDS, first)
+        while not (run / "checkpoints" / "round-0002.pt").exists():  # closely: round 3 starts right after it
+            assert first.poll() is None and time.time() - started < 2 * ROUND_SECONDS, "no round 2 checkpoint"
+            time.sleep(0.02)
+        # Hospital 2's warm ClientApp answers a tiny round within a second: freeze it now, so that
+        # its SuperNode is sure to die in round 3 holding the instruction (below).
+        freeze_clientapp(federation, 2)
         two_rounds = time.time() - started
 
         # Two rounds over TLS: the global model moved each round, and each hospital's ledger, in
@@ -185,11 +187,11 @@ def test_two_rounds_then_a_crashed_supernode_and_a_crashed_coordinator(federatio
             before_crash[h] = ledger.rounds[:2]
         assert not (run / "hospitals").exists()  # the coordinator never holds a hospital's ledger
 
-        # Round 3: hospital 2's SuperNode dies while its ClientApp runs. The round completes with
-        # the other two once Flower notices (heartbeats, within about a minute).
-        earlier = clientapps(federation, 2)  # round 2's may still be exiting
-        wait_for("hospital 2's ClientApp in round 3", lambda: clientapps(federation, 2) - earlier, ROUND_SECONDS, first)
-        time.sleep(2)
+        # Round 3: hospital 2's SuperNode dies holding the round's instruction. The round completes
+        # with the other two once Flower notices (heartbeats, within about a minute).
+        wait_for("hospital 2's SuperNode to receive round 3's instruction",  # (no evaluate messages here)
+                 lambda: federation.log("supernode-2").read_text().count("Receiving: train message") == 3,
+                 ROUND_SECONDS, first)
         federation.crash_node(2)
         wait_for("round 3's checkpoint", (run / "checkpoints" / "round-0003.pt").exists, ROUND_SECONDS, first)
         third = checkpoint(run, 3)["history"][2]

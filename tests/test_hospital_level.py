@@ -243,7 +243,7 @@ def test_the_server_samples_clips_and_noises_through_the_strategy(tmp_path, monk
     arrays, _ = strategy.aggregate_train(1, replies)
     expected, _ = noisy_mean(before, [shifted(before, 1e-3), huge], 1.0, coordinator.hospital_dp.noise_multiplier,
                              15.0, ReproducibleRandomness(cfg.seed, "hospital-level", 1))
-    released = arrays.to_torch_state_dict()
+    released = strategy.state_of(arrays)
     assert all(torch.allclose(released[k].to(v.dtype), v, atol=1e-6) for k, v in expected.items())
     assert coordinator.current["hospital_level"]["summed"] == 2 and len(coordinator.current["rejected"]) == 1
     # A round that samples nobody still releases (the noise alone) and counts.
@@ -253,7 +253,7 @@ def test_the_server_samples_clips_and_noises_through_the_strategy(tmp_path, monk
     coordinator.begin_round(2, sampled=0)
     arrays, _ = strategy.aggregate_train(2, [])
     assert arrays is not None and coordinator.hospital_dp.ledger.steps == 2
-    moved = arrays.to_torch_state_dict()
+    moved = strategy.state_of(arrays)
     assert not all(torch.equal(moved[k], released[k]) for k in released)
 
 

@@ -90,7 +90,7 @@ def test_rejected_updates_count_toward_the_reported_epsilon(tmp_path):
     coordinator.begin_round(1, sampled=2)
     arrays, _ = strategy.aggregate_train(1, [train_reply(ins[0], 0, shifted(before, 1e-3)),
                                              train_reply(ins[1], 1, bad, metrics=spent)])
-    coordinator.end_round(1, arrays.to_torch_state_dict())
+    coordinator.end_round(1, strategy.state_of(arrays))
     ledgers = coordinator.ledgers()
     assert ledgers["1"]["epsilon"] == 4.5 and ledgers["1"]["total_steps"] == 9
     assert coordinator.summary()["epsilon_max"] == 4.5

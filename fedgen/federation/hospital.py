@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -87,6 +87,12 @@ class Hospital:
         records = self.home / "records.json"
         if not records.exists():
             records.write_text(json.dumps(silo.records(), indent=1))
+
+    @cached_property
+    def template(self) -> StateDict:
+        """The UNet's state (names, shapes): how a model packed for the wire is cut back
+        (`fedgen.federation.flat_state`)."""
+        return build_unet(self.cfg.model, self.cfg.data.image_size).state_dict()
 
     @property
     def largest_patient(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,9 +90,19 @@ def node_config(partition: int, num_partitions: int, data_dir: Path, data_path: 
     return " ".join(items)
 
 
-def supernode_command(superlink: str, ca: Path | None, key: Path | None, config: str, port: int) -> list[str]:
+# How a SuperNode runs its ClientApp. "process": fedgen's warm executor (`clients.executor`), one
+# long-lived process beside the SuperNode that runs message after message. "subprocess": Flower's
+# own, a fresh flwr-clientapp process per message (imports, FAB install and silo every time).
+ISOLATIONS = ("process", "subprocess")
+
+
+def supernode_command(superlink: str, ca: Path | None, key: Path | None, config: str, port: int,
+                      isolation: str = "process") -> list[str]:
     """flower-supernode dialling `superlink` over TLS, authenticated with its private key;
-    `ca=None` is the insecure mode. `port` is the node's own local ClientApp port."""
+    `ca=None` is the insecure mode. `port` is the node's own local Runtime API port, where the
+    ClientApp executor (`executor_command`, with `isolation="process"`) takes its tasks."""
+    if isolation not in ISOLATIONS:
+        raise DeploymentError(f"--isolation: one of {', '.join(ISOLATIONS)}, got '{isolation}'")
     command = [executable("flower-supernode"), "--superlink", superlink]
     if ca is None:
         command += ["--insecure"]
@@ -103,7 +114,27 @@ def supernode_command(superlink: str, ca: Path | None, key: Path | None, config:
                 raise DeploymentError(f"{path} is missing")
         command += ["--root-certificates", str(Path(ca).resolve()),
                     "--auth-supernode-private-key", str(Path(key).resolve())]
-    return command + ["--node-config", config, "--port", str(port)]
+    return command + ["--node-config", config, "--port", str(port), "--isolation", isolation]
+
+
+def executor_command(port: int, supernode_pid: int | str) -> list[str]:
+    """fedgen's warm ClientApp executor for the SuperNode whose Runtime API is on `port` (on the
+    same machine); it exits with the SuperNode. It imports torch and diffusers while the node
+    starts, not in the first round."""
+    return [sys.executable, "-m", "clients.executor", "--runtime-api-address", f"127.0.0.1:{port}",
+            "--parent-pid", str(supernode_pid), "--preload", "torch", "diffusers", "opacus"]
+
+
+def start_supernode(group: ProcessGroup, command: list[str], port: int, isolation: str,
+                    log_path: Path | None = None, executor_log: Path | None = None,
+                    prefix: list[str] | None = None, show_output: bool = False) -> subprocess.Popen:
+    """Start a SuperNode (`supernode_command`) in `group`, and beside it its ClientApp executor
+    when `isolation` is "process"; `prefix` runs both in a network namespace."""
+    prefix = prefix or []
+    proc = group.start([*prefix, *command], log_path=log_path, show_output=show_output)
+    if isolation == "process":
+        group.start([*prefix, *executor_command(port, proc.pid)], log_path=executor_log, show_output=show_output)
+    return proc
 
 
 def cli_environment(flwr_home: Path, superlink: str, ca: Path | None) -> dict[str, str]:

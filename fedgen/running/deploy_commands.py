@@ -21,12 +21,15 @@ from pathlib import Path
 from fedgen.config import ConfigError, load_config
 from fedgen.running.deploy import (
     CONNECTION,
+    ISOLATIONS,
     DeploymentError,
     cli_environment,
     deploy_run,
+    executor_command,
     node_config,
     register,
     shown,
+    start_supernode,
     superlink_command,
     supernode_command,
 )
@@ -127,10 +130,18 @@ def _supernode(args: argparse.Namespace) -> int:
     # Only a local test node (--insecure) lets a run derive its DP noise from the config.
     config = node_config(args.partition_id, args.num_partitions, data_dir, args.data_path, args.data_csv,
                          allow_reproducible_noise=args.insecure, lifetime_budget=args.lifetime_budget)
-    command = supernode_command(args.superlink, ca, Path(args.key) if args.key else None, config, args.port)
-    if not args.print_only:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    return _foreground(command, flower_environment(data_dir / "flower"), args.print_only)
+    command = supernode_command(args.superlink, ca, Path(args.key) if args.key else None, config, args.port,
+                               args.isolation)
+    env = flower_environment(data_dir / "flower")
+    if args.isolation == "subprocess":
+        return _foreground(command, env, args.print_only)
+    print(shown(command, env), flush=True)
+    print(shown(executor_command(args.port, "SUPERNODE_PID"), env), flush=True)
+    if args.print_only:
+        return 0
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with ProcessGroup(env) as processes:  # the SuperNode and its ClientApp executor stop together
+        return start_supernode(processes, command, args.port, args.isolation, show_output=True).wait()
 
 
 def _say(text: str) -> None:
@@ -153,7 +164,8 @@ def _demo(args: argparse.Namespace) -> int:
     check_count(args.nodes, "--nodes", 1)
     if args.workdir:
         check_writable(args.workdir, "--workdir")
-    run_demo(args.overrides, num_nodes=args.nodes, workdir=args.workdir, namespaces=args.netns)
+    run_demo(args.overrides, num_nodes=args.nodes, workdir=args.workdir, namespaces=args.netns,
+             isolation=args.isolation)
     return 0
 
 
@@ -179,6 +191,11 @@ def add_deploy_commands(commands) -> None:
         p.add_argument("--ca", help="the federation's CA certificate (ca.crt), to check the SuperLink")
         p.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local tests only)")
         p.add_argument("--print-only", action="store_true", help="print the Flower command, do not run it")
+
+    def isolation(p):
+        p.add_argument("--isolation", choices=ISOLATIONS, default="process",
+                       help="process (default): one warm ClientApp process beside each SuperNode serves every "
+                       "message (clients/executor.py); subprocess: Flower's own, a fresh flwr-clientapp per message")
 
     p = sub.add_parser("certs", help="create a CA, the SuperLink's certificate and SuperNode key pairs")
     p.add_argument("dir")
@@ -210,6 +227,7 @@ def add_deploy_commands(commands) -> None:
     p.add_argument("--data-path", help="this hospital's own images (with data=folder|dicom|medmnist)")
     p.add_argument("--data-csv", help="with --data-path and data=folder: CSV file,patient_id,label")
     p.add_argument("--port", type=int, default=9094, help="the node's local ClientApp port")
+    isolation(p)
     p.add_argument("--lifetime-budget", type=float, help="the most epsilon this site spends on its patients "
                    "over all runs (its ledger: <data-dir>/fedgen/lifetime.json); a run's own can only be tighter")
     p.set_defaults(run=_errors(_supernode))
@@ -224,6 +242,7 @@ def add_deploy_commands(commands) -> None:
 
     p = sub.add_parser("demo", help="a whole TLS federation on this machine: SuperLink, N SuperNodes, one run")
     p.add_argument("--nodes", type=int, default=3)
+    isolation(p)
     p.add_argument("--workdir", help="where certificates, logs and hospital data go (default: a temp dir)")
     p.add_argument("--netns", action="store_true", help="each hospital in its own network namespace (root)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedgen simulate")

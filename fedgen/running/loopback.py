@@ -28,6 +28,7 @@ from fedgen.running.deploy import (
     node_status,
     online_nodes,
     register,
+    start_supernode,
     superlink_command,
     supernode_command,
     wait_for_nodes,
@@ -111,11 +112,18 @@ class Namespaces:
 
 
 class LoopbackFederation:
-    """Certificates, a SuperLink, registered node keys and SuperNodes, all under `workdir`."""
+    """Certificates, a SuperLink, registered node keys and SuperNodes, all under `workdir`.
 
-    def __init__(self, workdir: str | Path, num_nodes: int, namespaces: bool = False):
+    `isolation`: how each SuperNode runs its ClientApp (`fedgen.running.deploy.ISOLATIONS`).
+    The hospitals share this machine's cores: each gets `threads` torch threads (default: its
+    share of the cores, at least 1), as each simulated hospital gets `federation.client_cpus`."""
+
+    def __init__(self, workdir: str | Path, num_nodes: int, namespaces: bool = False, isolation: str = "process",
+                 threads: int | None = None):
         self.workdir = Path(workdir).resolve()
         self.num_nodes = num_nodes
+        self.isolation = isolation
+        self.threads = threads or max(1, (os.cpu_count() or 1) // num_nodes)
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.netns = Namespaces(num_nodes).open() if namespaces else None
@@ -181,20 +189,23 @@ class LoopbackFederation:
         tests: another `key`, `tls="system"` (TLS without the federation's CA) or `tls="none"`."""
         data_dir = self.data_dir(hospital)
         data_dir.mkdir(exist_ok=True)
+        port = 9094 if self.netns else free_port()  # in its own namespace each node has port 9094
         command = supernode_command(
             self.address, None if tls == "none" else self.certs.ca, key or self.certs.node_key(hospital),
-            node_config(hospital, self.num_nodes, data_dir),
-            port=9094 if self.netns else free_port(),  # in its own namespace each node has port 9094
+            node_config(hospital, self.num_nodes, data_dir), port, self.isolation,
         )
         if tls == "system":
             at = command.index("--root-certificates")
             del command[at : at + 2]
         if max_retries is not None:
             command += ["--max-retries", str(max_retries)]
-        if self.netns:
-            command = self.netns.prefix(hospital) + command
-        group = self._group(flower_environment(data_dir / "flower"))
-        proc = group.start(command, log_path=self.log(name or f"supernode-{hospital}"))
+        env = flower_environment(data_dir / "flower")
+        env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        group = self._group(env)
+        name = name or f"supernode-{hospital}"
+        proc = start_supernode(group, command, port, self.isolation, log_path=self.log(name),
+                               executor_log=self.log(f"{name}-clientapp"),
+                               prefix=self.netns.prefix(hospital) if self.netns else None)
         return group, proc
 
     def start_node(self, hospital: int) -> None:
@@ -254,7 +265,7 @@ class LoopbackFederation:
 
 
 def run_demo(overrides: list[str], num_nodes: int | None = None, workdir: str | None = None,
-             namespaces: bool = False, echo=print) -> Path:
+             namespaces: bool = False, isolation: str = "process", echo=print) -> Path:
     """`fedgen deploy demo`: start a TLS federation here, run the config once, stop everything."""
     from fedgen.config import load_config
 
@@ -262,9 +273,9 @@ def run_demo(overrides: list[str], num_nodes: int | None = None, workdir: str | 
         overrides = [*overrides, f"federation.num_hospitals={num_nodes}"]
     nodes = load_config(overrides).federation.num_hospitals
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedgen-demo-"))
-    with LoopbackFederation(root, nodes, namespaces=namespaces) as federation:
+    with LoopbackFederation(root, nodes, namespaces=namespaces, isolation=isolation) as federation:
         echo(f"SuperLink https://{federation.address} (TLS, node authentication); "
-             f"{nodes} SuperNodes; logs in {federation.logs}")
+             f"{nodes} SuperNodes ({isolation} isolation); logs in {federation.logs}")
         try:
             started = time.perf_counter()
             federation.start()
