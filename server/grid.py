@@ -72,6 +72,6 @@ class PromptGrid(Grid):
             pause = poll_interval(waited)
             time.sleep(pause if timeout is None else max(0.0, min(pause, timeout - waited)))
         # For benchmarks/deploy_overhead.py: where the coordinator's side of a round goes.
-        log(DEBUG, "[fedgen] pushed %d messages in %.3f s; %d replies after %.3f s (%d pulls, slowest %.3f s), at %.3f",
+        log(DEBUG, "fedgen grid: pushed %d messages in %.3f s; %d replies after %.3f s (%d pulls, slowest %.3f s), at %.3f",
             sent, pushed - started, len(replies), time.monotonic() - pushed, pulls, slowest, time.time())
         return replies
