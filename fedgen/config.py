@@ -195,6 +195,9 @@ def validate(cfg: ExperimentConfig) -> None:
     r = t.timestep_range
     _require(r is None or (len(r) == 2 and 0 <= r[0] < r[1] <= m.num_train_timesteps), "training.timestep_range",
              f"must be [low, high] with 0 <= low < high <= model.num_train_timesteps ({m.num_train_timesteps}), got {r}")
+    _require(t.gradient_subspace >= 0, "training.gradient_subspace", f"must be >= 0 (0: off), got {t.gradient_subspace}")
+    _require(t.gradient_subspace <= t.subspace_images, "training.gradient_subspace",
+             f"{t.gradient_subspace} directions need at least as many public images (training.subspace_images={t.subspace_images})")
     pre = cfg.pretrain
     for name in ("num_patients", "images_per_patient", "num_sources", "epochs", "batch_size"):
         _require(getattr(pre, name) >= 1, f"pretrain.{name}", f"must be >= 1, got {getattr(pre, name)}")

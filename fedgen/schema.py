@@ -76,6 +76,7 @@ class PrivacyConfig:
 
 @dataclass
 class TrainingConfig:
+    # The plain default; conf/training/default.yaml, the demo's DP recipe, sets 128 (less noise per example).
     batch_size: int = 32  # expected (logical) batch size: Poisson sample rate q = batch_size / N
     learning_rate: float = 2e-3
     optimizer: str = "adam"  # adam | sgd
@@ -100,6 +101,10 @@ class TrainingConfig:
     # the public ones (their global style is set at the high-noise steps). DPDM and DP-SynGen
     # (REFERENCES.md) likewise move the training's noise levels for DP.
     timestep_range: list[int] | None = None
+    # > 0: DP-SGD in the top-k directions of public images' per-example gradients, found at each
+    # round's start (projected DP-SGD, fedgen.privacy.gradient_subspace): the noise is k-dimensional.
+    gradient_subspace: int = 0
+    subspace_images: int = 256  # public images (pretrain.*'s archive) the directions are found on
 
 
 @dataclass

@@ -151,3 +151,19 @@ def test_generated_images_do_not_depend_on_the_batch_size(run):
     pieces = utility.generate(*args, 2, 0, False, torch.device("cpu"))
     torch.testing.assert_close(whole, pieces)
     assert not torch.equal(whole, utility.generate(*args, 5, 1, False, torch.device("cpu")))  # the seed matters
+
+
+def test_the_start_models_samples_are_drawn_once_beside_the_runs(run, noise_result, monkeypatch):
+    drawn: list[int] = []
+    original = utility.generate
+
+    def counting(*args, **kwargs):
+        drawn.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(utility, "generate", counting)
+    cached = sorted(run.root.parent.glob("start-samples-*.pt"))
+    r = evaluate_utility(run.root, num_samples=48, batch_size=16, progress=False, log=lambda _: None)
+    assert len(drawn) == 1  # the released model's; the start model's came from the first evaluation
+    assert cached and sorted(run.root.parent.glob("start-samples-*.pt")) == cached
+    assert r["frechet_distance_untrained"] == noise_result["frechet_distance_untrained"]

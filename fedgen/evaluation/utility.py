@@ -29,7 +29,10 @@ See docs/utility.md for what each number means and its caveats.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -131,6 +134,24 @@ def start_model(run: RunDir, cfg) -> UNet2DModel:
     return unet
 
 
+def start_samples(
+    run: RunDir, unet: UNet2DModel, scheduler: DDPMScheduler, num_samples: int, image_size: int,
+    sampling: tuple[str, int], batch_size: int, seed: int, device: torch.device,
+) -> torch.Tensor:
+    """The start model's samples, drawn once per (weights, sampling, seed) and kept beside the runs:
+    every run of a sweep starts from the same base, and drawing them costs as much as the run's own."""
+    key = json.dumps([weights_hash(unet.state_dict()), dict(scheduler.config), num_samples, image_size,
+                      list(sampling), seed], sort_keys=True, default=str)
+    path = run.root.parent / f"start-samples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        return torch.load(path)
+    samples = generate(unet, scheduler, num_samples, image_size, sampling, batch_size, seed, False, device)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    torch.save(samples, partial)
+    os.replace(partial, path)  # whole or absent: sweeps may evaluate side by side
+    return samples
+
+
 def evaluate_utility(
     run_dir: str | Path,
     encoder_path: str | Path | None = None,
@@ -177,8 +198,8 @@ def evaluate_utility(
         unet, scheduler, num_samples, cfg.data.image_size, sampling, batch_size, seed, progress, device
     )
     untrained = start_model(run, cfg)
-    generated_untrained = generate(
-        untrained, scheduler, num_samples, cfg.data.image_size, sampling, batch_size, seed, False, device
+    generated_untrained = start_samples(
+        run, untrained, scheduler, num_samples, cfg.data.image_size, sampling, batch_size, seed, device
     )
     log(f"utility: generated {num_samples} images (and as many untrained) in {time.perf_counter() - phase:.1f} s")
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.privacy.accounting import EpsilonLedger, TrainingPlan
+from fedgen.privacy.gradient_subspace import GradientSubspace, public_subspace
 from fedgen.privacy.per_sample_grads import per_sample_gradients
 from fedgen.privacy.randomness import NoisingDPOptimizer, poisson_batches, privacy_randomness
 
@@ -55,6 +56,7 @@ def noisy_step(
     max_physical_batch_size: int = 0,
     extra_rows: Sequence[dict[str, torch.Tensor]] = (),
     group_of: torch.Tensor | None = None,
+    subspace: GradientSubspace | None = None,
 ) -> torch.Tensor:
     """One DP step on a logical batch: per-example gradients clipped and summed chunk by chunk
     (at most `max_physical_batch_size` images at once; 0: all), then noise added once, scaled and
@@ -63,7 +65,8 @@ def noisy_step(
     per-example gradient rows {name: [R, *param.shape]}, clipped and summed after the batch's,
     before the noise. `group_of` [B] (patient-level DP): the unit of each image, contiguous and
     sorted; a unit's rows are summed before clipping, so a patient contributes at most C however
-    many images it has. Returns the per-example losses [B] of the images."""
+    many images it has. `subspace`: each row is projected onto it before clipping, and the noisy
+    gradient after (`fedgen.privacy.gradient_subspace`). Returns the per-example losses [B] of the images."""
     size = max_physical_batch_size or max(len(x0), 1)
     slices = group_chunks(group_of, size) if group_of is not None and len(x0) else [
         slice(start, start + size) for start in range(0, max(len(x0), 1), size)]
@@ -78,12 +81,16 @@ def noisy_step(
                 grads = sum_by_group(grads, group_of[chunk])
         else:
             grads = extra_rows[i - len(slices)]
+        if subspace is not None:
+            grads = subspace.project_rows(grads)
         for name, p in unet.named_parameters():
             if p.requires_grad:
                 p.grad_sample = grads[name]  # type: ignore[attr-defined]  # read by Opacus
         if i < chunks - 1:
             dp_optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only
         dp_optimizer.pre_step()  # the last chunk: clip, accumulate, noise, scale, account
+    if subspace is not None:
+        subspace.project_gradients(unet)  # post-processing: the noise left is k-dimensional
     return torch.cat(losses)
 
 
@@ -184,6 +191,9 @@ def train_locally(
     ema = [p.detach().clone() for p in params] if ema_decay > 0 else []
 
     unet.train()
+    # Found on public images at the weights the round starts from: the same for every hospital.
+    subspace = (public_subspace(unet, diffusion, cfg, (cfg.seed, server_round))
+                if dp_optimizer is not None and cfg.training.gradient_subspace > 0 else None)
     denoiser = unet_denoiser(unet)
     k = cfg.training.noise_multiplicity
     timesteps = tuple(cfg.training.timestep_range) if cfg.training.timestep_range else None
@@ -205,7 +215,7 @@ def train_locally(
             (dp_optimizer or base_optimizer).zero_grad(set_to_none=True)
             if dp_optimizer is not None:
                 losses = noisy_step(dp_optimizer, unet, diffusion, x0, t, eps, cfg.training.max_physical_batch_size,
-                                    group_of=group_of)
+                                    group_of=group_of, subspace=subspace)
             elif len(index) > 0:
                 losses = diffusion.per_example_loss(denoiser, x0, t, eps)
                 losses.mean().backward()
