@@ -34,13 +34,13 @@ def test_each_noisy_step_moves_the_model_along_the_public_directions_only():
     unet = build_unet(cfg.model, 16)
     basis = public_subspace(copy.deepcopy(unet), Diffusion(build_scheduler(cfg.model)), cfg, (cfg.seed, 1)).basis
     assert basis.shape == (_flat(unet).numel(), 4)
-    assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-4)
+    assert torch.allclose(basis.double().T @ basis.double(), torch.eye(4, dtype=torch.float64), atol=1e-5)
     before = _flat(unet)
     _train(cfg, unet, torch.rand(24, 1, 16, 16) * 2 - 1)
     moved = _flat(unet) - before
     outside = moved - basis @ (basis.T @ moved)
     assert moved.norm() > 1e-3  # it trained (signal and the noise, both in the subspace)
-    assert outside.norm() < 1e-4 * moved.norm()
+    assert outside.norm() < 1e-3 * moved.norm()  # float32 rounding; unprojected steps: ~1
 
 
 def test_the_subspace_changes_the_noise_not_the_accounting():

@@ -30,35 +30,31 @@ CHUNK = 32  # public images per per-example gradient computation
 
 
 class GradientSubspace:
-    """An orthonormal basis V [d, k] over the trainable parameters (in `named_parameters` order)."""
+    """An orthonormal basis V [d, k] over the trainable parameters, kept as one row block per
+    parameter ({name: [numel, k]}), so projecting never concatenates the gradients."""
 
-    def __init__(self, basis: torch.Tensor, names: list[str], shapes: list[torch.Size]):
-        self.basis = basis
-        self.names = names
-        self.shapes = shapes
+    def __init__(self, blocks: dict[str, torch.Tensor]):
+        self.blocks = blocks
 
     @property
-    def rank(self) -> int:
-        return self.basis.shape[1]
+    def basis(self) -> torch.Tensor:
+        return torch.cat(list(self.blocks.values()))
+
+    def _coefficients(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(rows[n].reshape(rows[n].shape[0], -1) @ v for n, v in self.blocks.items())  # type: ignore[return-value]
 
     def project_rows(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each example's gradient {name: [B, *shape]} replaced by its projection V V^T g."""
-        rows = torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in self.names], dim=1)
-        projected = (rows @ self.basis) @ self.basis.T
-        return self._split(projected, batch=rows.shape[0])
+        coefficients = self._coefficients(grads)
+        return {n: (coefficients @ v.T).reshape(grads[n].shape) for n, v in self.blocks.items()}
 
     @torch.no_grad()
     def project_gradients(self, unet: torch.nn.Module) -> None:
         """The noisy gradient in every trainable parameter's .grad, projected onto V, in place."""
         params = dict(unet.named_parameters())
-        flat = torch.cat([params[n].grad.reshape(-1) for n in self.names])  # type: ignore[union-attr]
-        projected = self._split(((flat @ self.basis) @ self.basis.T).unsqueeze(0), batch=1)
-        for name in self.names:
-            params[name].grad.copy_(projected[name][0])  # type: ignore[union-attr]
-
-    def _split(self, rows: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-        sizes = [s.numel() for s in self.shapes]
-        return {n: part.reshape(batch, *s) for n, s, part in zip(self.names, self.shapes, rows.split(sizes, dim=1))}
+        grads = {n: params[n].grad.unsqueeze(0) for n in self.blocks}  # type: ignore[union-attr]
+        for name, projected in self.project_rows(grads).items():
+            params[name].grad.copy_(projected[0])  # type: ignore[union-attr]
 
 
 _PUBLIC: dict[tuple, torch.Tensor] = {}  # per process: a Ray worker trains many hospitals
@@ -99,5 +95,9 @@ def public_subspace(unet: torch.nn.Module, diffusion: Diffusion, cfg: Experiment
         t, eps = diffusion.draw(x0, cfg.training.noise_multiplicity, generator=generator)
         grads, _ = per_sample_gradients(unet, diffusion, x0.to(device), t.to(device), eps.to(device))
         rows.append(torch.cat([grads[n].reshape(len(x0), -1) for n, _ in named], dim=1))
-    _, _, vh = torch.linalg.svd(torch.cat(rows), full_matrices=False)
-    return GradientSubspace(vh[:k].T.contiguous(), [n for n, _ in named], [p.shape for _, p in named])
+    gradients = torch.cat(rows).double()  # [n, d]: n << d, so through the n x n Gram matrix
+    values, vectors = torch.linalg.eigh(gradients @ gradients.T)  # ascending
+    top = vectors[:, -k:].flip(1) / values[-k:].flip(0).clamp(min=1e-30).sqrt()
+    basis = torch.linalg.qr(gradients.T @ top)[0].float()  # the top right singular vectors [d, k], re-orthonormalised
+    sizes = [p.numel() for _, p in named]
+    return GradientSubspace({n: block for (n, _), block in zip(named, basis.split(sizes))})
