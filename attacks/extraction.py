@@ -93,17 +93,18 @@ def find_copies(samples: torch.Tensor, training: torch.Tensor, cfg: ExtractionCo
     normalised = d1 / (cfg.alpha * nearest_k.mean(dim=1)).clamp_min(1e-12)
     ratio_flags = torch.nonzero(d1 < d2 / cfg.ratio).flatten().tolist()
     normalised_flags = torch.nonzero(normalised < cfg.normalised_threshold).flatten().tolist() if k > 1 else []
-    calibrated = {}
+    nearer: list[int] = []  # the calibrated criterion, when there are held-out images
+    threshold: float | None = None
+    expected: float | None = None
+    p_value: float | None = None
     if heldout is not None and len(heldout):
         from scipy.stats import binomtest
 
         h1 = torch.cdist(heldout.reshape(len(heldout), -1).double(), t).min(dim=1).values
         threshold = float(torch.quantile(h1, cfg.calibration_quantile))
         nearer = torch.nonzero(d1 < threshold).flatten().tolist()
-        calibrated = {"flagged_nearer_than_heldout": nearer, "heldout_threshold": threshold,
-                      "expected_by_chance": cfg.calibration_quantile * len(samples),
-                      "p_value": float(binomtest(len(nearer), len(samples), cfg.calibration_quantile,
-                                                 alternative="greater").pvalue)}
+        expected = cfg.calibration_quantile * len(samples)
+        p_value = float(binomtest(len(nearer), len(samples), cfg.calibration_quantile, alternative="greater").pvalue)
     return ExtractionResult(
         num_samples=len(samples),
         num_training_images=len(training),
@@ -113,7 +114,10 @@ def find_copies(samples: torch.Tensor, training: torch.Tensor, cfg: ExtractionCo
         nearest_distance=d1.tolist(),
         second_distance=d2.tolist(),
         normalised_distance=normalised.tolist(),
-        **calibrated,
+        flagged_nearer_than_heldout=nearer,
+        heldout_threshold=threshold,
+        expected_by_chance=expected,
+        p_value=p_value,
     )
 
 

@@ -9,7 +9,8 @@ JSON with, for each:
   process: an upper bound);
 - peak_processes: the most processes the tree held at once;
 - ledgers_ok: every hospital's `privacy.json` entry was recomputed to the same epsilon, within its
-  budget, with as many steps as the plan (no hospital left out or double-counted).
+  budget, with as many steps as the plan (no hospital left out or double-counted:
+  `fedgen.evaluation.card_check`).
 
 Goal (issue 18): 100 hospitals complete within 3 GiB, and time per round grows with the images
 trained, not with the hospitals.
@@ -33,10 +34,13 @@ from pathlib import Path
 
 import psutil
 
+from fedgen.evaluation.card_check import card_problems
+
 FEDGEN = str(Path(sys.executable).parent / "fedgen")
 # The default demo's 600 patients at 16x16, 2 rounds of 1 local epoch, DP at epsilon 8. Every
 # hospital keeps at least one patient to train on at 100 hospitals (6 patients each).
-COMMON = ["data.image_size=16", "federation.num_rounds=2", "federation.local_epochs=1",
+ROUNDS = 2
+COMMON = ["data.image_size=16", f"federation.num_rounds={ROUNDS}", "federation.local_epochs=1",
           "federation.sample_every=0", "training.batch_size=4"]  # a silo of 100 holds ~6
 
 
@@ -72,24 +76,6 @@ class TreeMemory:
         self._thread.join()
 
 
-def ledgers_ok(run: Path, hospitals: int) -> tuple[bool, list[str]]:
-    privacy = json.loads((run / "privacy.json").read_text())
-    entries, problems = privacy["hospitals"], []
-    if sorted(entries, key=int) != [str(h) for h in range(hospitals)]:
-        problems.append(f"ledgers for {len(entries)} of {hospitals} hospitals")
-    from omegaconf import OmegaConf
-
-    budget = OmegaConf.load(run / "config.yaml").privacy.target_epsilon
-    for h, entry in entries.items():
-        if abs(entry["epsilon"] - entry["epsilon_recomputed"]) > 1e-9:
-            problems.append(f"hospital {h}: epsilon {entry['epsilon']} but recomputed {entry['epsilon_recomputed']}")
-        if entry["epsilon"] > budget + 1e-9:
-            problems.append(f"hospital {h}: epsilon {entry['epsilon']} over the budget {budget}")
-        if entry["steps"] != sum(steps for *_, steps in entry["history"]) or len(entry["history"]) != 2:
-            problems.append(f"hospital {h}: {entry['steps']} steps over {len(entry['history'])} rounds")
-    return not problems, problems[:5]
-
-
 def one_run(runs_dir: Path, hospitals: int) -> dict:
     name = f"scale-{hospitals}"
     command = [FEDGEN, "simulate", f"runs_dir={runs_dir}", f"name={name}",
@@ -103,13 +89,13 @@ def one_run(runs_dir: Path, hospitals: int) -> dict:
     wall = time.perf_counter() - start
     run = runs_dir / name
     history = json.loads((run / "metrics.json").read_text())["history"] if (run / "metrics.json").exists() else []
-    ok, problems = ledgers_ok(run, hospitals) if (run / "privacy.json").exists() else (False, ["no privacy.json"])
+    problems = card_problems(run, hospitals, ROUNDS)
     images = [sum(m["num-examples"] for m in r["train"].values()) for r in history]
     row = {
         "hospitals": hospitals, "exit_code": code, "wall_seconds": round(wall, 1),
         "round_seconds": [round(r["seconds"], 1) for r in history], "images_per_round": images,
         "peak_rss_gib": round(memory.peak_bytes / 2**30, 2), "peak_processes": memory.peak_processes,
-        "ledgers_ok": ok, "ledger_problems": problems,
+        "ledgers_ok": not problems, "ledger_problems": problems[:5],
     }
     print(json.dumps(row), flush=True)
     return row

@@ -14,7 +14,12 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from fedgen.config import ExperimentConfig, load_config, overrides_from_run_config
 from fedgen.federation.coordinator import Coordinator, RunFailed
 from fedgen.federation.flat_state import FLAT_KEY, pack, unpack
-from fedgen.federation.update_checks import EVALUATE_METRIC_KEYS, metrics_problem
+from fedgen.federation.update_checks import (
+    EVALUATE_METRIC_KEYS,
+    StateDict,
+    metrics_problem,
+    update_problem,
+)
 from fedgen.privacy.accounting import BudgetExceededError
 from fedgen.run_dir import RunDir
 from server.grid import PromptGrid
@@ -65,31 +70,33 @@ class Reporting:
         for message_id, node in sent_to.items():
             if message_id not in answered:  # too slow for the round, or gone without a trace
                 self.coordinator.record_failure(node, f"no reply within federation.round_timeout ({fed.round_timeout:g} s)")
+        template = self.coordinator.unet.state_dict()  # the global model this round: names, shapes, values
         accepted: list[Message] = []
+        updates: list[StateDict] = []  # the accepted replies' states, each decoded once
         seen: set[int] = set()
         for msg in replies:
             node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 self.coordinator.record_failure(node, str(msg.error.reason))
                 continue
-            hospital, problem = self._check_train_reply(msg, seen)
-            if problem or hospital is None:  # (no hospital number only comes with a problem)
+            hospital, update, problem = self._check_train_reply(msg, seen, template)
+            if problem or hospital is None or update is None:  # (no hospital or update only comes with a problem)
                 spent = dict(msg.content.metric_records["metrics"]) if hospital is not None else None
                 self.coordinator.record_rejection(hospital, str(problem), node=node, spent=spent)
                 continue
             seen.add(hospital)
-            self._pack_reply(msg)
+            update = self._pack_reply(msg, update, template)
             self.coordinator.record_train(hospital, dict(msg.content.metric_records["metrics"]))
             if fed.record_updates:  # the curious coordinator keeps it (`fedgen invert`)
-                update = self.state_of(msg.content.array_records["arrays"])
                 self.coordinator.record_update(self.round_offset + server_round, hospital, update)
             accepted.append(msg)
+            updates.append(update)
         required = self.coordinator.required_updates(len(sent_to))
         if len(accepted) < required:
             self.coordinator.record_model_unchanged(len(accepted), required)
-            accepted = []
+            accepted, updates = [], []
         if self.coordinator.hospital_dp is not None:
-            return self._release_hospital_level(server_round, accepted)
+            return self._release_hospital_level(server_round, accepted, updates)
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
     def _poisson_sample(self, server_round: int, messages: list[Message]) -> list[Message]:
@@ -106,48 +113,50 @@ class Reporting:
             raise RunFailed(self.coordinator.run_dir.metrics, error) from err
         return [m for m, keep in zip(messages, hospital_dp.sample(len(messages)), strict=True) if keep]
 
-    def _release_hospital_level(self, server_round: int, accepted: list[Message]):
+    def _release_hospital_level(self, server_round: int, accepted: list[Message], updates: list[StateDict]):
         """DP-FedAvg in fedgen's own aggregation (fedgen.privacy.hospital_level), not Flower's
         DifferentialPrivacyServerSideFixedClipping: that one samples a fixed number of nodes, weights
         updates by num-examples and divides the noise by the number that replied (so one hospital's
         share is not bounded by C / expected count), and draws the noise from numpy's global generator."""
         hospital_dp = self.coordinator.hospital_dp
         assert hospital_dp is not None
-        updates = [self.state_of(m.content.array_records["arrays"]) for m in accepted]
         state, info = hospital_dp.release(self.round_offset + server_round, self.coordinator.global_state(), updates)
         self.coordinator.record_hospital_level(info)
         contents = [m.content for m in accepted]
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key) if contents else MetricRecord()
         return ArrayRecord(pack(state)), metrics
 
-    def _check_train_reply(self, msg: Message, seen: set[int]) -> tuple[int | None, str | None]:
-        """(reported hospital, why the reply must be dropped or None). Nothing in a reply is trusted:
-        a malformed one is rejected here instead of crashing the aggregation."""
+    def _check_train_reply(self, msg: Message, seen: set[int],
+                           template: StateDict) -> tuple[int | None, StateDict | None, str | None]:
+        """(reported hospital, its update as decoded, why the reply must be dropped or None).
+        Nothing in a reply is trusted: a malformed one is rejected here instead of crashing the
+        aggregation. `template` is the global model the update is checked against."""
         content = msg.content
         if set(content.array_records) != {"arrays"} or set(content.metric_records) != {"metrics"}:
-            return None, (f"malformed reply (array records {sorted(content.array_records)}, "
-                          f"metric records {sorted(content.metric_records)})")
+            return None, None, (f"malformed reply (array records {sorted(content.array_records)}, "
+                                f"metric records {sorted(content.metric_records)})")
         metrics = dict(content.metric_records["metrics"])
         problem = metrics_problem(metrics, self.coordinator.cfg.federation.num_hospitals)
         if problem:
-            return None, problem
+            return None, None, problem
         hospital = int(cast(int, metrics["hospital"]))
         if hospital in seen:
-            return hospital, f"hospital {hospital} already sent an update this round"
+            return hospital, None, f"hospital {hospital} already sent an update this round"
         try:
-            update = self.state_of(content.array_records["arrays"])
+            update = unpack(content.array_records["arrays"].to_torch_state_dict(), template)
         except Exception as err:  # a hostile payload may not even decode
-            return hospital, f"unreadable arrays ({type(err).__name__}: {err})"
-        return hospital, self.coordinator.check_update(update)
+            return hospital, None, f"unreadable arrays ({type(err).__name__}: {err})"
+        return hospital, update, update_problem(template, update, self.coordinator.cfg.federation.max_update_norm)
 
-    def _pack_reply(self, msg: Message) -> None:
+    @staticmethod
+    def _pack_reply(msg: Message, update: StateDict, template: StateDict) -> StateDict:
         """A checked reply that came as a plain state dict is packed like the instruction was:
-        FedAvg averages like with like."""
-        arrays = msg.content.array_records["arrays"]
-        if list(arrays.keys()) != [FLAT_KEY]:
-            state = self.state_of(arrays)
-            template = self.coordinator.unet.state_dict()
-            msg.content.array_records["arrays"] = ArrayRecord(pack({k: state[k].float() for k in template}))
+        FedAvg averages like with like. Returns the update as it is aggregated: float32, in the
+        global model's order."""
+        update = {k: update[k].float() for k in template}  # (a packed one already is: no copy)
+        if list(msg.content.array_records["arrays"].keys()) != [FLAT_KEY]:
+            msg.content.array_records["arrays"] = ArrayRecord(pack(update))
+        return update
 
     def state_of(self, arrays: ArrayRecord) -> dict:
         """A model state from a record, packed on the wire or not (`fedgen.federation.flat_state`)."""

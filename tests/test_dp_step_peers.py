@@ -1,8 +1,10 @@
-"""benchmarks/dp_step.py's Opacus peers: Opacus's per-example gradients set side by side with
-fedgen's exact ones (which tests/test_per_sample_grads checks against a one-example loop)."""
+"""benchmarks/dp_step.py's Opacus peers (benchmarks/dp_step_peers.py): Opacus's per-example
+gradients set side by side with fedgen's exact ones (which tests/test_per_sample_grads checks
+against a one-example loop)."""
 
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,22 +13,29 @@ import torch
 # PyTorch notes that Opacus's full backward hooks fire on the UNet's first layers (no input grad).
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "dp_step.py"
+BENCHMARKS = str(Path(__file__).resolve().parent.parent / "benchmarks")
 
 
 @pytest.fixture(scope="module")
 def dp_step():
-    spec = importlib.util.spec_from_file_location("dp_step_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # As when it runs as a script: the benchmark imports dp_step_peers from its own folder.
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        return importlib.import_module("dp_step")
+    finally:
+        sys.path.remove(BENCHMARKS)
 
 
-def test_compare_grad_samples_flags_each_kind_of_mismatch(dp_step):
+@pytest.fixture(scope="module")
+def peers(dp_step):
+    return sys.modules["dp_step_peers"]
+
+
+def test_compare_grad_samples_flags_each_kind_of_mismatch(peers):
     ref = {"a": torch.ones(3, 2), "b": torch.ones(3, 2), "c": torch.ones(3, 2), "d": torch.ones(3)}
     got = {"a": torch.ones(3, 2) * (1 + 1e-6), "b": torch.zeros(3, 2), "c": None,
            "d": torch.ones(2)}
-    report = dp_step.compare_grad_samples(ref, got)
+    report = peers.compare_grad_samples(ref, got)
     assert report["compared_parameters"] == 4
     assert report["names"] == ["b", "c", "d"]
     assert report["details"]["b"]["opacus_all_zero"] is True
@@ -71,11 +80,11 @@ def test_main_writes_every_mode(dp_step, tmp_path):
     assert set(saved["exact"]) == {"opacus_functorch", "opacus_hooks"}
 
 
-def test_an_opacus_mode_that_cannot_wrap_is_reported_not_fatal(dp_step, monkeypatch):
+def test_an_opacus_mode_that_cannot_wrap_is_reported_not_fatal(dp_step, peers, monkeypatch):
     def refuse(*args, **kwargs):
         raise NotImplementedError("no grad sampler for this layer")
 
-    monkeypatch.setattr(dp_step, "prepare_module", refuse)
+    monkeypatch.setattr(peers, "prepare_module", refuse)
     cfg = dp_step.config_for("tiny", 2, image_size=16)
     bench = dp_step.Bench(cfg, 2, torch.device("cpu"))
     assert bench.modes == ("plain", "dp")

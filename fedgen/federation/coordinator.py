@@ -18,7 +18,7 @@ import torch
 from fedgen.base_model import describe_base, initial_unet
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import sample_images
-from fedgen.federation.update_checks import StateDict, update_problem
+from fedgen.federation.update_checks import StateDict
 from fedgen.model import build_scheduler
 from fedgen.privacy.hospital_level import LEDGER_FILE, HospitalLevelDP
 from fedgen.privacy.lifetime import run_lifetimes
@@ -96,9 +96,6 @@ class Coordinator:
             save_torch(self.run_dir.update_path(server_round, "global"), self.global_state())
         # Progress inside a round: the hospitals train in other processes; the round line follows.
         self.log(f"round {server_round}/{self.cfg.federation.num_rounds}: {sampled} hospital(s) training...")
-
-    def check_update(self, update: StateDict) -> str | None:
-        return update_problem(self.global_state(), update, self.cfg.federation.max_update_norm)
 
     def record_train(self, hospital: int, metrics: dict) -> None:
         self.current["train"][hospital] = metrics

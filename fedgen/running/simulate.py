@@ -82,12 +82,6 @@ def parallel_hospitals(fed, cores: int | None = None) -> int:
     return fed.num_hospitals if fed.num_hospitals <= min(max(cores, 3), 8) else min(cores, 8)
 
 
-def ray_cpus(fed) -> int:
-    """The CPUs Ray may hand out: `parallel_hospitals` workers' worth, which is what caps the
-    workers. Each runs one torch thread per CPU it reserves, so 3 on 2 cores costs little."""
-    return parallel_hospitals(fed) * fed.client_cpus
-
-
 def executable(name: str) -> str:
     local = Path(sys.executable).parent / name
     found = str(local) if local.exists() else shutil.which(name)
@@ -228,7 +222,9 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
         f"client_resources_num_gpus={gpus}"
     )
     if not gpus and not os.environ.get("RAY_ADDRESS"):  # a Ray cluster counts its own CPUs
-        federation_config += f" init_args_num_cpus={ray_cpus(fed)}"
+        # The CPUs Ray may hand out cap the workers: `parallel_hospitals` workers' worth. Each runs
+        # one torch thread per CPU it reserves, so 3 on 2 cores costs little.
+        federation_config += f" init_args_num_cpus={parallel_hospitals(fed) * fed.client_cpus}"
     log = run_dir.flower_log
     processes = ProcessGroup(flower_environment(flwr_home, ray_tmp))
     status, details = "unknown", ""
