@@ -196,7 +196,8 @@ def train_locally(
                 if dp_optimizer is not None and cfg.training.gradient_subspace > 0 else None)
     denoiser = unet_denoiser(unet)
     k = cfg.training.noise_multiplicity
-    timesteps = tuple(cfg.training.timestep_range) if cfg.training.timestep_range else None
+    low_high = cfg.training.timestep_range
+    timesteps = (low_high[0], low_high[1]) if low_high else None
     loss_sum, loss_count, taken = 0.0, 0, 0
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=steps, desc=f"round {server_round} local", disable=not progress, leave=False)
