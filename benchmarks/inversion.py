@@ -1,12 +1,14 @@
 """The curious coordinator: what DP and secure aggregation each take from gradient inversion (issue 17).
 
 Four federations of `experiment=invert_easy` (each hospital: one plain SGD step on its one
-training image per round; the coordinator records what it receives), and `fedgen invert` on round 1:
+training image per round; the coordinator records what it receives), and `fedgen invert` on round 1
+(and, for `none`, which trains 3 rounds for the timing, rounds 2 and 3 too):
 
-- none:     3 hospitals, no defence: every hospital's update attacked (hospitals 0, 1, 2);
+- none:     3 hospitals, no defence: every hospital's update attacked (hospitals 0, 1, 2; 9 updates);
 - dp_eps8:  the same with DP-SGD at epsilon 8 (`privacy=eps8`): every hospital's update attacked;
 - secagg3:  3 hospitals with SecAgg+: the coordinator holds only the mean, attacked with 3 candidates;
-- secagg10: 10 hospitals with SecAgg+: the mean of 10, attacked with 10 candidates.
+- secagg10: 10 hospitals with SecAgg+: the mean of 10, attacked with 10 candidates (one start, not
+            --restarts: each costs 10 single-image inversions, and no start of secagg3 came near).
 
 Rows: re-identification rate (a reconstruction's most similar image, by SSIM, among the attacked
 hospitals' 10 images each, is one they trained on), mean best-match SSIM and PSNR, and chance.
@@ -16,7 +18,7 @@ per round with and without secure aggregation for 3 hospitals (rounds 2 and 3 of
 `secagg3`, which train 3 rounds; goal <= 1.5x).
 
 Usage: python benchmarks/inversion.py [--out benchmarks/results/inversion.json] [--runs-dir DIR]
-                                      [--iterations 300]
+                                      [--iterations 300] [--restarts 4]
 Writes the JSON (command, commit, load average, machine, rows) and `inversion.png` beside it:
 each row's reconstructions beside their best-matching images.
 """
@@ -43,7 +45,10 @@ from fedgen.running.invert import invert_run
 
 FEDGEN = str(Path(sys.executable).parent / "fedgen")
 ROUNDS_TIMED = 3  # `none` and `secagg3` train this many rounds; rounds 2.. are timed (1 warms up)
-SETTINGS = {
+# Rounds attacked (default: round 1) and starts (default: --restarts) where a row differs.
+ROUNDS = {"none": [1, 2, 3]}
+RESTARTS = {"secagg10": 1}
+SETTINGS: dict[str, tuple[list[str], list[int | None]]] = {
     "none": (["federation.num_rounds=3"], [0, 1, 2]),
     "dp_eps8": (["privacy=eps8"], [0, 1, 2]),
     "secagg3": (["federation.secure_aggregation=true", "federation.num_rounds=3"], [None]),
@@ -71,12 +76,14 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/inversion.json")
     parser.add_argument("--runs-dir", help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--iterations", type=int, default=InversionSettings().iterations)
+    parser.add_argument("--restarts", type=int, default=4,
+                        help="starts per update (the attack stops at the first that reproduces the update)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for the inversions (1: a second thread on a shared 2-core machine made them slower)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    settings = dataclasses.replace(InversionSettings(), iterations=args.iterations)
+    settings = dataclasses.replace(InversionSettings(), iterations=args.iterations, restarts=args.restarts)
     load_before = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,11 +91,16 @@ def main() -> None:
         rows, pictures, timing = {}, [], {}
         for name, (overrides, targets) in SETTINGS.items():
             run = simulate(runs_dir, name, overrides)
-            reports = [invert_run(run, 1, hospital, settings, progress=False) for hospital in targets]
+            row_settings = dataclasses.replace(settings, restarts=RESTARTS.get(name, settings.restarts))
+            reports = [invert_run(run, server_round, hospital, row_settings, progress=False)
+                       for server_round in ROUNDS.get(name, [1]) for hospital in targets]
             hits = [bool(h) for r in reports for h in r["score"]["reidentified"]]
             rows[name] = {
                 "overrides": overrides,
-                "attacked": [r["target"] for r in reports],
+                "attacked": [f"round {r['round']}, {r['target']}" for r in reports],
+                "restarts": row_settings.restarts,
+                "reidentified_per_update": [sum(r["score"]["reidentified"]) for r in reports],
+                "final_losses": [r["final_loss"] for r in reports],
                 "reconstructions": len(hits),
                 "reidentified": sum(hits),
                 "reidentification_rate": sum(hits) / len(hits),
@@ -136,7 +148,8 @@ def main() -> None:
 
 def pairs_of(run: Path, report: dict) -> torch.Tensor:
     """The reconstructions beside their best matches, as `fedgen invert` kept them: [2B,1,H,W]."""
-    folder = "round-1-aggregate" if report["hospital"] is None else f"round-1-hospital-{report['hospital']}"
+    folder = (f"round-{report['round']}-aggregate" if report["hospital"] is None
+              else f"round-{report['round']}-hospital-{report['hospital']}")
     kept = torch.load(run / "invert" / folder / "reconstructions.pt")
     return torch.stack([image for pair in zip(kept["reconstructions"], kept["matches"]) for image in pair])
 

@@ -235,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     inv.add_argument("--round", type=int, help="which round's update (default: the first recorded)")
     inv.add_argument("--hospital", type=int, help="whose update (default 0; under secure aggregation: the aggregate)")
     inv.add_argument("--images", type=int, help="candidate images (default: the hospital's expected batch size)")
-    inv.add_argument("--iterations", type=int, help="iterations for the best start (default 300)")
-    inv.add_argument("--restarts", type=int, help="short starts from spread timesteps before the best one runs on (default 8)")
+    inv.add_argument("--iterations", type=int, help="iterations for the best start; one SGD step: L-BFGS iterations per start (default 300)")
+    inv.add_argument("--restarts", type=int, help="short starts from spread timesteps before the best one runs on; one SGD step: starts at most, "
+                          "stopping at the first that reproduces the update (default 8)")
     inv.set_defaults(run=_invert)
     sw = commands.add_parser(
         "sweep",

@@ -4,6 +4,7 @@ reconstructs nothing in particular."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attacks.inversion import InversionSettings, LocalRecipe, invert, score, weight_delta
@@ -14,6 +15,8 @@ from fedgen.model import build_scheduler, build_unet
 from fedgen.privacy.accounting import TrainingPlan
 from fedgen.privacy.dp_sgd import train_locally
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small tensors: a second thread only slows them
+
 SIZE = 16
 TINY = ["model.init=null", f"data.image_size={SIZE}", "model.block_out_channels=[16,32]",
         "model.down_block_types=[DownBlock2D,DownBlock2D]", "model.up_block_types=[UpBlock2D,UpBlock2D]",
@@ -22,7 +25,9 @@ TINY = ["model.init=null", f"data.image_size={SIZE}", "model.block_out_channels=
         # The hospital's (t, eps) draws are secret by default; fixed here so the test's figures repeat.
         # The attack never reads them: it optimises its own.
         "privacy.reproducible_noise=true"]
-SETTINGS = InversionSettings(iterations=200, restarts=8, warmup=40)  # about 15 s on one core
+# One plain SGD step: up to 4 L-BFGS starts of 300 iterations, stopping at the first that
+# reproduces the update (about 20 s on a quiet core when the first start does).
+SETTINGS = InversionSettings(iterations=300, restarts=4)
 
 
 def one_step_update(images: torch.Tensor, overrides: list[str] = TINY, seed: int = 0):
@@ -50,10 +55,11 @@ def test_one_sgd_step_on_one_image_gives_the_image_back():
     recipe = LocalRecipe("sgd", 0.01, steps=1, batch_size=1)
     result = invert(unet, before, after, diffusion, recipe, (1, SIZE, SIZE), SETTINGS, progress=False)
     scored = score(result.images, pool, sources=[0])
-    # Measured 0.76 (seed 0); a different synthetic X-ray of the same scanner scores about 0.1.
+    # Measured: SSIM 1.000, PSNR 74 dB (seed 0: the secret timestep is 14): the image itself, up to
+    # the float32 rounding of the weights; a different synthetic X-ray of the same scanner scores about 0.1.
     assert scored.match == [0] and scored.reidentification_rate == 1.0
-    assert scored.best_ssim[0] >= 0.6
-    assert result.losses[-1] < 0.1
+    assert scored.best_ssim[0] >= 0.95 and scored.best_psnr[0] >= 30
+    assert result.losses[-1] < 1e-4  # the simulated update is the observed one (measured 1e-5)
 
 
 def test_a_random_update_matches_nothing():
@@ -67,7 +73,7 @@ def test_a_random_update_matches_nothing():
     result = invert(unet, before, fake, diffusion, recipe, (1, SIZE, SIZE), SETTINGS, progress=False)
     scored = score(result.images, pool, sources=[0])
     assert scored.best_ssim[0] < 0.3
-    assert result.losses[-1] > 0.5  # no images make this update
+    assert result.losses[-1] > 0.5  # no images make this update (squared distance / its norm)
 
 
 def test_score_against_an_independent_count():
@@ -77,3 +83,19 @@ def test_score_against_an_independent_count():
     assert scored.match == [3, 5] and scored.reidentified == [True, False]
     assert scored.reidentification_rate == 0.5 and scored.chance == 2 / 8
     assert min(scored.best_ssim) > 0.8 and min(scored.best_psnr) > 20
+
+
+@pytest.mark.slow
+def test_one_sgd_step_is_inverted_whatever_the_secret_timestep():
+    """Six updates, each one step on a different image with its own (t, eps): t = 867, 399, 161,
+    134, 542, 567, from a lightly to an almost wholly noised x_t. Each one found gives its image
+    back exactly (SSIM above 0.99); a start can miss, so 5 of 6 are asked for."""
+    pool = pool_of()
+    recipe = LocalRecipe("sgd", 0.01, steps=1, batch_size=1)
+    found = []
+    for seed in range(1, 7):
+        unet, diffusion, before, after = one_step_update(pool[seed:seed + 1], seed=seed)
+        result = invert(unet, before, after, diffusion, recipe, (1, SIZE, SIZE), SETTINGS, progress=False)
+        found.append(score(result.images, pool, sources=[seed]))
+    assert sum(s.reidentification_rate for s in found) >= 5
+    assert sorted(s.best_ssim[0] for s in found)[1] >= 0.9

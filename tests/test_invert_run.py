@@ -24,9 +24,9 @@ from fedgen.run_dir import RunDir
 from fedgen.running.invert import invert_run
 
 # The slow end-to-end test's hospital, whose fixed draw (t = 14 at seed 0) the attack inverts:
-# measured SSIM 0.495 against its image, re-identified among its hospital's 10.
+# measured SSIM 1.000 (PSNR 66 dB) against its image, re-identified among its hospital's 10.
 EASY_HOSPITAL = 0
-EASY_SSIM = 0.4
+EASY_SSIM = 0.9
 QUICK = InversionSettings(iterations=3, restarts=1, warmup=2)  # runs, proves nothing about the attack
 
 

@@ -198,7 +198,7 @@ def invert_run(
         "mean_best_psnr": scored.mean_best_psnr,
         "reidentification_rate": scored.reidentification_rate,
         "chance": scored.chance,
-        "final_loss": result.losses[-1] if result.losses else None,  # cosine distance (+ TV prior)
+        "final_loss": result.losses[-1] if result.losses else None,  # one SGD step: squared distance / the update's; else cosine (+ TV)
         "timesteps_found": [round(float(t), 1) for t in result.timesteps.flatten()],  # [steps x B x K]
         "seconds": seconds,
         "score": scored.to_dict(),
