@@ -62,7 +62,7 @@ def test_sampling_is_by_patient_and_the_plan_counts_patients(base_config, monkey
     plan = make_plan(6, batch_size=3, local_epochs=2, num_rounds=1)  # q = 3 / 6 patients
     seen = []
 
-    def spy(optimizer, unet, diffusion, x0, t, eps, size=0, group_of=None):
+    def spy(optimizer, unet, diffusion, x0, t, eps, size=0, group_of=None, subspace=None):
         ids = (x0[:, 0, 0, 0] * 100).round().long()
         seen.append([sorted(ids[group_of == g].tolist()) for g in group_of.unique()] if len(x0) else [])
         return x0.new_zeros(len(x0))
