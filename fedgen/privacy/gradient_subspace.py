@@ -80,11 +80,9 @@ def _draw_public(cfg: ExperimentConfig, count: int) -> torch.Tensor:
 def public_subspace(unet: torch.nn.Module, diffusion: Diffusion, cfg: ExperimentConfig,
                     round_key: tuple) -> GradientSubspace:
     """The top-k directions of public images' per-example gradients at `unet`'s current weights
-    (k = `training.gradient_subspace`), the draws seeded by `round_key` (public)."""
+    (k = `training.gradient_subspace`, at most `subspace_images`: `fedgen.config.validate`), the
+    draws seeded by `round_key` (public)."""
     k, count = cfg.training.gradient_subspace, cfg.training.subspace_images
-    if k > count:
-        raise ConfigError(f"training.gradient_subspace={k} needs at least as many public images "
-                          f"(training.subspace_images={count})")
     images = _public_images(cfg, count)
     device = next(unet.parameters()).device
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
