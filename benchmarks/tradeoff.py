@@ -56,7 +56,7 @@ ABLATIONS = {
     # (data.seed=99 and 26) it scored no better than all weights (README).
     "eps8_subspace": ["privacy=eps8", *DP_RECIPE, "training.gradient_subspace=8"],
 }
-COLUMNS = ("setting", "epsilon", "noise_multiplier", "val_loss", "frechet_distance", "precision", "recall",
+COLUMNS = ("setting", "epsilon", "noise_multiplier", "val_loss", "frechet_distance", "precision", "recall", "style_mix_gap",
            "best_attack", "attack_auc", "tpr_at_1pct_fpr", "epsilon_lb", "extraction_flagged", "extraction_samples")
 
 

@@ -59,6 +59,25 @@ def test_real_halves_are_much_closer_than_degraded_or_misplaced_images(encoder, 
     assert frechet_distance(f_a, encoder.features(xrays[0].images[:150])) < 2 * floor
 
 
+def test_the_source_head_reads_each_hospitals_style_and_a_skewed_mix_is_far(encoder, xrays):
+    unseen = xrays[1]
+    sources = np.asarray(unseen.sources)
+    assert encoder.sources == tuple(sorted(set(sources)))
+    shares = encoder.source_shares(unseen.images)
+    assert sum(shares.values()) == pytest.approx(1.0)
+    for name in encoder.sources:
+        assert shares[name] == pytest.approx(np.mean(sources == name), abs=0.1)
+        assert encoder.source_shares(unseen.images[torch.from_numpy(sources == name)])[name] > 0.8
+    # Good images in the wrong proportions: most of one source's, few of the others'.
+    first = np.flatnonzero(sources == encoder.sources[0])
+    rest = np.random.default_rng(0).permutation(np.flatnonzero(sources != encoder.sources[0]))
+    a = unseen.images[torch.from_numpy(np.concatenate([first[::2], rest[::2]]))]
+    balanced = unseen.images[torch.from_numpy(np.concatenate([first[1::2], rest[1::2]]))]
+    skewed = unseen.images[torch.from_numpy(np.concatenate([first[1::2], rest[1::2][: len(first) // 8]]))]
+    f_a = encoder.features(a)
+    assert frechet_distance(f_a, encoder.features(skewed)) > 3 * frechet_distance(f_a, encoder.features(balanced))
+
+
 def test_features_shape_and_determinism(encoder, xrays):
     f = encoder.features(xrays[1].images[:10])
     assert f.shape == (10, EncoderSettings().feature_dim) and f.dtype == np.float64

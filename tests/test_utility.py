@@ -119,6 +119,13 @@ def test_a_generator_returning_real_images_sits_at_the_floor(run, noise_result, 
     assert r["downstream"]["baseline_auc"] == noise_result["downstream"]["baseline_auc"]
     assert r["frechet_distance"] < 3 * r["frechet_distance_real"]
     assert r["precision"] > 0.5
+    # Real images take each hospital's style in its real share; the loaded encoder knows the sources.
+    mix = r["style_mix"]
+    sources = {str(s) for silo in build_silos(cfg) for s in silo.members.sources}
+    assert set(mix["generated"]) == set(mix["heldout_true"]) == sources and len(sources) == 2
+    assert mix["gap"] == pytest.approx(0.5 * sum(abs(mix["generated"][n] - mix["heldout"][n]) for n in mix["generated"]))
+    assert mix["gap"] < 0.25, mix
+    assert noise_result["style_mix"]["generated"].keys() == mix["generated"].keys()
 
 
 def test_records_that_disagree_with_the_rebuilt_split_are_refused(tmp_path):

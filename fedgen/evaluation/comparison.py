@@ -119,6 +119,8 @@ def run_row(run_dir: str | Path) -> dict:
         "precision_real": number(utility.get("precision_real")),
         "recall": number(utility.get("recall")),
         "recall_real": number(utility.get("recall_real")),
+        # How far the samples' mix of hospital styles is from the real one (0: the same).
+        "style_mix_gap": number((utility.get("style_mix") or {}).get("gap")),
         "downstream_auc": number((utility.get("downstream") or {}).get("auc")),
         "downstream_baseline_auc": number((utility.get("downstream") or {}).get("baseline_auc")),
     }

@@ -135,6 +135,7 @@ class Encoder:
     kind: "trained" (fedgen's own CNN) or "inception" (pytorch-fid pool3, D = 2048).
     fingerprint: identifies the encoder; runs compare only when theirs is the same.
     image_size: the size a trained encoder was made for (None: any).
+    sources: the acquisition sources its source head tells apart, in head order (empty: no head).
     """
 
     network: nn.Module
@@ -142,6 +143,7 @@ class Encoder:
     fingerprint: str
     path: Path
     image_size: int | None
+    sources: tuple[str, ...] = ()
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
@@ -157,6 +159,22 @@ class Encoder:
         self.network.eval()
         out = [self.network(batch.to(device)).double().cpu() for batch in images.split(batch_size)]
         return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def source_shares(self, images: torch.Tensor) -> dict[str, float] | None:
+        """The share of `images` the source head assigns to each source (None without a head).
+
+        Why: the features keep each hospital's style apart, so a generator that draws one
+        hospital's style more often than the real images do is far from them in Frechet distance
+        even when every sample is a good image (a 30/70 mix of real training images: FD 8x that of
+        the 50/50 mix). These shares tell that apart from bad images."""
+        if len(self.sources) < 2 or not isinstance(self.network, FeatureNet):
+            return None
+        features = torch.from_numpy(self.features(images)).float()
+        device = next(self.network.parameters()).device
+        votes = self.network.source(features.to(device)).argmax(1).cpu()
+        counts = torch.bincount(votes, minlength=len(self.sources)).double() / max(len(images), 1)
+        return {name: float(c) for name, c in zip(self.sources, counts)}
 
 
 def encoder_fingerprint(data: ImageSet, settings: EncoderSettings) -> str:
@@ -294,7 +312,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
         net = FeatureNet(s["feature_dim"], s["width"], len(saved["sources"]), saved["image_size"])
         net.load_state_dict(saved["state_dict"])
         return Encoder(
-            net.to(device).eval(), "trained", saved["fingerprint"], path, saved["image_size"]
+            net.to(device).eval(), "trained", saved["fingerprint"], path, saved["image_size"],
+            tuple(saved["sources"]),
         )
     if any(str(k).startswith("Mixed_7c.") for k in saved):
         return _inception_encoder(path, saved, device)
@@ -324,7 +343,8 @@ def load_or_train_encoder(
             log(
                 f"feature encoder: trained on {len(data)} images in {time.perf_counter() - started:.1f} s -> {path}"
             )
-            return Encoder(net, "trained", fingerprint, path, data.image_size)
+            return Encoder(net, "trained", fingerprint, path, data.image_size,
+                           tuple(sorted({str(s) for s in data.sources})))
         log(f"feature encoder: another process wrote {path} first; using that one")
     encoder = load_encoder(path, device)
     if encoder.kind == "trained" and encoder.fingerprint != fingerprint:
