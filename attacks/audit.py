@@ -19,7 +19,15 @@ import numpy as np
 
 from attacks.dataset_inference import dataset_inference
 from attacks.empirical_epsilon import one_run_epsilon_lb_best
-from attacks.extraction import ExtractionConfig, find_copies, generate, pairs_grid, unique_images
+from attacks.extraction import (
+    ExtractionConfig,
+    by_duplication,
+    find_copies,
+    generate,
+    multiplicity,
+    pairs_grid,
+    unique_images,
+)
 from attacks.membership import ATTACKS, build_attack
 from attacks.metrics import AttackResult, evaluate_scores
 from attacks.reference import REFERENCE_ATTACKS, ReferenceAttackConfig, run_reference_attacks
@@ -124,7 +132,10 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
     for alarm in report["alarms"]:
         log(f"!!! {alarm}")
     heldout = candidates.images[np.flatnonzero(~candidates.is_member)]
-    report["extraction"], copies = _extraction(cfg, unet, scheduler, training, heldout, settings.extraction, progress)
+    duplicated = {h: n for home in map(run.hospital_home, range(cfg.federation.num_hospitals))
+                  for h, n in read_json(home / "records.json").get("duplicated", {}).items()}
+    report["extraction"], copies = _extraction(cfg, unet, scheduler, training, heldout, settings.extraction,
+                                               progress, duplicated)
     _write(run, report, overall, copies, cfg.federation.num_rounds)
     for name, r in overall.items():
         log(f"  {name:6s} AUC {r.auc:.3f} [{r.auc_ci[0]:.3f}, {r.auc_ci[1]:.3f}]  TPR@1%FPR {r.tpr_at_1pct_fpr:.3f}  "
@@ -138,6 +149,11 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
            f"{settings.extraction.calibration_quantile:.0%} of held-out images are "
            f"({ex['expected_by_chance']:.1f} expected by chance, p = {ex['p_value']:.2g})"
            if ex.get("p_value") is not None else ""))
+    dup = ex.get("by_duplication")
+    if dup and dup["duplicated_images"]:
+        log(f"  extraction: {dup['nearer_than_heldout_duplicated']} of those sit nearest one of the "
+            f"{dup['duplicated_images']} duplicated training images ({dup['duplicated_images'] / dup['training_images']:.0%} "
+            f"of the {dup['training_images']}), {dup['distinct_duplicated_images_copied']} distinct")
     log(f"wrote {run.root / 'attack.json'}")
     if report["alarms"]:
         raise AuditAlarm("; ".join(report["alarms"]))
@@ -278,7 +294,7 @@ def _canary_audit(cfg, unet, scheduler, attack_name, delta, settings, epsilons, 
     return out
 
 
-def _extraction(cfg, unet, scheduler, training, heldout, ex: ExtractionConfig, progress):
+def _extraction(cfg, unet, scheduler, training, heldout, ex: ExtractionConfig, progress, duplicated: dict[str, int]):
     if ex.num_samples <= 0:
         return {"num_samples": 0, "num_flagged": 0}, None
     shape = (1, cfg.data.image_size, cfg.data.image_size)
@@ -292,6 +308,8 @@ def _extraction(cfg, unet, scheduler, training, heldout, ex: ExtractionConfig, p
     result = find_copies(samples, unique, ex, heldout)
     summary = {k: v for k, v in result.to_dict().items() if not isinstance(v, list) or k.startswith("flagged")}
     summary["median_nearest_distance"] = float(np.median(result.nearest_distance))
+    if result.heldout_threshold is not None:
+        summary["by_duplication"] = by_duplication(result, multiplicity(unique, duplicated))
     return summary, pairs_grid(samples, unique, result)
 
 

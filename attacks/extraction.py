@@ -79,6 +79,34 @@ def unique_images(images: torch.Tensor) -> torch.Tensor:
     return images[torch.from_numpy(np.sort(first))]
 
 
+def multiplicity(unique: torch.Tensor, duplicated: dict[str, int]) -> list[int]:
+    """How many times each of the `unique` training images was trained on: 1 plus its extra copies
+    in `duplicated` (content hash -> extra copies, as the hospitals' records.json hold them)."""
+    from fedgen.data.dataset import content_hashes
+
+    return [1 + int(duplicated.get(h, 0)) for h in content_hashes(unique)]
+
+
+def by_duplication(result: ExtractionResult, copies: list[int]) -> dict:
+    """The calibrated copies split by whether the training image they sit nearest is duplicated
+    (`copies`: each unique training image's count, from `multiplicity`). Memorisation grows with
+    duplication (Carlini et al. 2023), so a model that copies shows it on the duplicated images
+    first: their share of the flagged samples above their share of the training images."""
+    duplicated = {i for i, c in enumerate(copies) if c > 1}
+    flagged = result.flagged_nearer_than_heldout
+    flagged_dup = [i for i in flagged if result.nearest[i] in duplicated]
+    return {
+        "training_images": len(copies),
+        "duplicated_images": len(duplicated),
+        "copies_of_duplicated": max(copies, default=1),
+        "samples_nearest_a_duplicated": sum(1 for n in result.nearest if n in duplicated),
+        "nearer_than_heldout": len(flagged),
+        "nearer_than_heldout_duplicated": len(flagged_dup),
+        "distinct_images_copied": len({result.nearest[i] for i in flagged}),
+        "distinct_duplicated_images_copied": len({result.nearest[i] for i in flagged_dup}),
+    }
+
+
 def find_copies(samples: torch.Tensor, training: torch.Tensor, cfg: ExtractionConfig,
                 heldout: torch.Tensor | None = None) -> ExtractionResult:
     """samples [S,1,H,W], training [N,1,H,W] (unique), held-out real images [M,1,H,W] (optional:

@@ -63,3 +63,24 @@ def test_nearer_than_heldout_finds_what_the_ratio_misses_and_counts_chance_as_ch
     fresh = find_copies(draw(100), training, cfg, heldout)
     assert len(fresh.flagged_nearer_than_heldout) <= 5 and fresh.p_value > 0.01
     assert find_copies(draw(5), training, cfg).p_value is None  # no held-out images: not computed
+
+
+def test_copies_are_split_by_the_duplication_of_the_image_they_sit_nearest():
+    from attacks.extraction import by_duplication, multiplicity
+    from fedgen.data.dataset import content_hashes
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.rand((1, 1, 8, 8), generator=g) * 2 - 1
+    draw = lambda n: (mean + 0.3 * torch.randn((n, 1, 8, 8), generator=g)).clamp(-1, 1)  # noqa: E731
+    training, heldout = draw(40), draw(400)
+    duplicated = {h: 3 for h in content_hashes(training[:4])}  # 4 of 40 images, 3 extra copies each
+    copies = multiplicity(training, duplicated)
+    assert copies == [4] * 4 + [1] * 36
+    # A model that copies its duplicated images: 12 near-copies of images 0-2, and fresh images.
+    samples = torch.cat([training[[0, 1, 2] * 4] + 0.01 * torch.randn((12, 1, 8, 8), generator=g), draw(88)])
+    result = find_copies(samples, training, ExtractionConfig(), heldout)
+    split = by_duplication(result, copies)
+    assert split["training_images"] == 40 and split["duplicated_images"] == 4 and split["copies_of_duplicated"] == 4
+    assert split["nearer_than_heldout_duplicated"] >= 12 and split["distinct_duplicated_images_copied"] == 3
+    assert split["nearer_than_heldout"] == len(result.flagged_nearer_than_heldout)
+    assert split["nearer_than_heldout"] - split["nearer_than_heldout_duplicated"] <= 4  # fresh ones: chance

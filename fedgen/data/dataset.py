@@ -79,9 +79,14 @@ class ImageSet:
         return h.hexdigest()[:16]
 
     def content_hashes(self) -> list[str]:
-        """sha256 of each image quantised to 8 bits: stable across float noise, unique per image."""
-        quantised = ((self.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-        return [hashlib.sha256(img.tobytes()).hexdigest()[:16] for img in quantised]
+        return content_hashes(self.images)
+
+
+def content_hashes(images: torch.Tensor) -> list[str]:
+    """sha256 of each image [N,C,H,W] in [-1,1] quantised to 8 bits: stable across float noise,
+    unique per image."""
+    quantised = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return [hashlib.sha256(img.tobytes()).hexdigest()[:16] for img in quantised]
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:
