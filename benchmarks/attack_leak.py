@@ -110,8 +110,10 @@ def main() -> None:
     results: dict = {"command": " ".join([sys.executable, *sys.argv]), "commit": commit,
                      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                      "load_average_before": os.getloadavg(), "runs_dir": str(runs_dir), "presets": {}}
+    # One reference cache for both presets: the references are trained without DP by design, so the
+    # twins' recipes, bases and populations are the same and so are the fingerprints.
     attacks = ["--attacks", "loss,pia,pian,secmi,sima,lira,rmia", "--references", str(args.references),
-               "--population", args.population]
+               "--population", args.population, "--reference-cache", str(runs_dir / "reference_models")]
     for preset in ("leak", "leak_dp"):
         name = f"bench-{preset}"
         train_s = run([FEDGEN, "simulate", f"experiment={preset}", f"name={name}", f"runs_dir={runs_dir}"])

@@ -60,7 +60,7 @@ def _attack(args: argparse.Namespace) -> int:
         check_attacks(settings.attacks, "--attacks")
     check_count(args.references, "--references", 2)  # RMIA tunes its a on the references: k >= 2
     reference = dataclasses.replace(settings.reference, k=args.references, statistic=args.reference_statistic,
-                                    population=args.population)
+                                    population=args.population, cache_dir=args.reference_cache)
     settings = dataclasses.replace(settings, reference=reference)
     settings = dataclasses.replace(
         settings, extraction=dataclasses.replace(settings.extraction, num_samples=args.samples)
@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     att.add_argument("--references", type=int, default=4, help="lira/rmia: reference models to train (k >= 2)")
     att.add_argument("--reference-statistic", default="sima", help="lira/rmia: the per-image statistic they calibrate")
+    att.add_argument("--reference-cache", default=None,
+                     help="lira/rmia: where trained reference models are kept, by fingerprint (default: "
+                          "<run>/reference_models; runs with the same recipe, base and population can share one)")
     att.add_argument("--population", default="public", help="lira/rmia: the references' data: public (public-archive "
                      "patients), hospitals (synthetic patients on the hospitals' scanners) or an image folder")
     att.add_argument(

@@ -227,6 +227,11 @@ def test_fedgen_attack_runs_lira_and_rmia_and_caches_the_references(tmp_path, ca
     again = json.loads((run.root / "attack.json").read_text())["reference_models"]
     assert again["from_cache"] == 2 and again["training_steps"] == 0 and again["fingerprint"] == info["fingerprint"]
     assert "reference model" in capsys.readouterr().out
+    # A cache shared between runs (--reference-cache): filled on first use, by the same fingerprint.
+    shared = tmp_path / "shared-references"
+    assert main([*args, "--reference-cache", str(shared)]) == 0
+    moved = json.loads((run.root / "attack.json").read_text())["reference_models"]
+    assert moved["from_cache"] == 0 and (shared / info["fingerprint"]).is_dir()
 
 
 def test_fedgen_attack_refuses_a_population_folder_holding_a_candidate(tmp_path, capsys):
