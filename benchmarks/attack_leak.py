@@ -92,6 +92,11 @@ def summarise(run_dir: Path) -> dict:
         "val_loss": metrics["summary"]["val_loss"],
         "train_loss": metrics["summary"]["train_loss"],
         "extraction_flagged": report["extraction"]["num_flagged"],
+        # the calibrated criterion: samples nearer a training image than all but 1% of held-out images
+        "extraction_nearer_than_heldout": report["extraction"].get("num_nearer_than_heldout"),
+        "extraction_expected_by_chance": report["extraction"].get("expected_by_chance"),
+        "extraction_p_value": report["extraction"].get("p_value"),
+        "extraction_by_duplication": report["extraction"].get("by_duplication"),
         "dataset_p_values": {h: v.get("dataset_p_value") for h, v in report["hospitals"].items()},
         "alarms": report["alarms"],
     }
