@@ -285,11 +285,8 @@ def _utility(row: dict, utility: dict) -> str:
                 "higher",
             ],
             ["finding classifier AUC on real images, trained on samples", downstream, "higher"],
-            [
-                "hospital-style mix off by (share of samples in the wrong hospital's style)",
-                fmt(row.get("style_mix_gap")),
-                "lower; a large gap alone raises the Frechet distance",
-            ],
+            ["hospital-style mix off by (share of samples in the wrong hospital's style)",
+             fmt(row.get("style_mix_gap")), "lower; a large gap alone raises the Frechet distance"],
         ],
     )
     verdict = (
