@@ -23,16 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-FEDGEN = str(Path(sys.executable).parent / "fedgen")
+from attack_leak import FEDGEN, run  # benchmarks/ is on the path when this file runs
+
 MEMBERS, FRACTION, EPOCHS = 36, 0.1, 100  # experiment=leak: 36 training images a hospital, 100 epochs
-
-
-def run(command: list[str]) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def main() -> None:
