@@ -72,6 +72,11 @@ def _checked_silos(run: RunDir, cfg) -> list[Silo]:
     return silos
 
 
+# The source head must read at least this share of held-out images as their own hospital's for the
+# samples' style mix to mean anything (0.5 is chance with two equal hospitals).
+MIX_MIN_ACCURACY = 0.75
+
+
 def generate(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
@@ -277,7 +282,10 @@ def evaluate_utility(
         )
         + f" -> {run.root / 'utility.json'}"
     )
-    if style_mix is not None:
+    if style_mix is not None and style_mix["gap"] is None:
+        log(f"utility: the encoder does not tell the hospitals' styles apart (held-out images read as their own "
+            f"hospital's: {style_mix['heldout_accuracy']:.0%}): their mix is not measured")
+    elif style_mix is not None:
         log(f"utility: style mix (share of images per source) generated {_shares(style_mix['generated'])}, "
             f"held-out {_shares(style_mix['heldout'])}; off by {style_mix['gap']:.2f}")
     return result
@@ -286,15 +294,25 @@ def evaluate_utility(
 def _style_mix(encoder, generated: torch.Tensor, heldout: ImageSet) -> dict | None:
     """Which hospital's style the samples take, by the encoder's source head, beside the held-out
     images' (as the head reads them, and as they are): an unconditional model can draw the right
-    images in the wrong proportions, which the Frechet distance punishes hard (README, issue 13).
+    images in the wrong proportions, which the Frechet distance punishes where the hospitals'
+    styles differ (README, issue 13).
+    heldout_accuracy: the share of held-out images the head reads as their own hospital's (per
+    hospital, averaged). Below
+    MIX_MIN_ACCURACY the hospitals look alike to the encoder: the mix is then not measured (gap
+    None), and it does not move the Frechet distance either.
     gap: total variation distance between the generated and held-out shares as the head reads them."""
     generated_shares = encoder.source_shares(generated)
     if generated_shares is None:
         return None
     heldout_shares = encoder.source_shares(heldout.images)
-    true = {name: float(np.mean(np.asarray(heldout.sources) == name)) for name in generated_shares}
+    sources = np.asarray([str(s) for s in heldout.sources])
+    true = {name: float(np.mean(sources == name)) for name in generated_shares}
+    # per hospital, the share of its held-out images read as its own; averaged (balanced accuracy)
+    accuracy = float(np.mean([encoder.source_shares(heldout.images[torch.from_numpy(sources == name)])[name]
+                              for name in true if true[name] > 0]))
     gap = 0.5 * sum(abs(generated_shares[n] - heldout_shares[n]) for n in generated_shares)
-    return {"generated": generated_shares, "heldout": heldout_shares, "heldout_true": true, "gap": gap}
+    return {"generated": generated_shares, "heldout": heldout_shares, "heldout_true": true,
+            "heldout_accuracy": accuracy, "gap": gap if accuracy >= MIX_MIN_ACCURACY else None}
 
 
 def _shares(shares: dict[str, float]) -> str:
@@ -308,7 +326,7 @@ def _log_scalars(run: RunDir, result: dict, step: int) -> None:
         "utility/precision": result["precision"],
         "utility/recall": result["recall"],
     }
-    if result.get("style_mix") is not None:
+    if (result.get("style_mix") or {}).get("gap") is not None:
         scalars["utility/style_mix_gap"] = result["style_mix"]["gap"]
     if result["downstream"] is not None:
         scalars["utility/downstream_auc"] = result["downstream"]["auc"]
