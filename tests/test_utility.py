@@ -189,6 +189,6 @@ def test_the_mix_is_not_measured_where_the_encoder_cannot_tell_the_hospitals_apa
     data = dataclasses.replace(data, sources=np.array(["hospital-a", "hospital-b"] * 120))
     training, heldout = data.subset(np.arange(120)), data.subset(np.arange(120, 240))
     encoder = load_or_train_encoder(tmp_path / "encoder.pt", training, log=lambda _: None)
-    mix = utility._style_mix(encoder, heldout.images[:40], heldout)
+    mix = utility.sample_style_mix(encoder, heldout.images[:40], heldout)
     assert mix["heldout_true"] == {"hospital-a": 0.5, "hospital-b": 0.5}
     assert mix["heldout_accuracy"] < utility.MIX_MIN_ACCURACY and mix["gap"] is None, mix

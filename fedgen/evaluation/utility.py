@@ -220,7 +220,7 @@ def evaluate_utility(
     real_pr = precision_recall(f_held, f_real, NEAREST_NEIGHBOURS)
     start_pr = precision_recall(f_held, f_untrained, NEAREST_NEIGHBOURS)
 
-    style_mix = _style_mix(encoder, generated, heldout)
+    style_mix = sample_style_mix(encoder, generated, heldout)
 
     downstream = None
     if has_binary_labels(training.labels) and has_binary_labels(heldout.labels):
@@ -291,7 +291,7 @@ def evaluate_utility(
     return result
 
 
-def _style_mix(encoder, generated: torch.Tensor, heldout: ImageSet) -> dict | None:
+def sample_style_mix(encoder, generated: torch.Tensor, heldout: ImageSet) -> dict | None:
     """Which hospital's style the samples take, by the encoder's source head, beside the held-out
     images' (as the head reads them, and as they are): an unconditional model can draw the right
     images in the wrong proportions, which the Frechet distance punishes where the hospitals'
