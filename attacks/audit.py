@@ -52,6 +52,9 @@ class AuditSettings:
     # images would bias its p-value.
     dataset_attack: str = "loss"
     per_hospital: int | None = None  # members (and as many non-members) per hospital; None = all
+    # More non-members, new synthetic patients of the hospitals' scanners (`targets.fresh_nonmembers`):
+    # TPR at 1% FPR needs ~1000 non-members to mean something, and a silo holds out tens.
+    fresh_nonmembers: int = 0
     batch_size: int = 64
     confidence: float = 0.95
     bootstrap: int = 1000
@@ -85,12 +88,13 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
     check_attacks(settings.attacks, "attacks")
     cfg = load_run_config(run)
     unet, scheduler = load_released(run.root)
-    candidates, training = candidates_from_run(run.root, settings.seed, settings.per_hospital)
+    candidates, training = candidates_from_run(run.root, settings.seed, settings.per_hospital, settings.fresh_nonmembers)
     delta = cfg.privacy.delta if cfg.privacy.enabled else 1e-5
     epsilons = accountant_epsilons(run)
     eps_max = max(epsilons.values(), default=math.inf)
     log(f"attacking {run.root.name}: {int(candidates.is_member.sum())} members, "
-        f"{int((~candidates.is_member).sum())} non-members from {len(set(candidates.hospital))} hospitals")
+        f"{int((~candidates.is_member).sum())} non-members ({settings.fresh_nonmembers} of them fresh patients) "
+        f"from {len(set(candidates.hospital))} hospitals")
 
     scores = {name: build_attack(name).score(unet, scheduler, candidates.images, settings.batch_size, progress)
               for name in settings.attacks if name in ATTACKS}
@@ -100,10 +104,15 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         found, reference_info = run_reference_attacks(run, cfg, unet, scheduler, candidates.images, training,
                                                       settings.reference, wanted, settings.batch_size, progress, log)
         scores.update(found)
-        queries.update({n: reference_info["queries_per_image_target"] for n in found})
+        queries.update({n: 1 if n == "tuned" else reference_info["queries_per_image_target"] for n in found})
         log(f"  reference models: {reference_info['training_seconds']:.0f} s, {reference_info['training_steps']} steps "
-            f"({reference_info['from_cache']} of {settings.reference.k} from the cache); statistic "
-            f"{reference_info['statistic']} {reference_info['direction']} (p = {reference_info['direction_p_value']:.2g})")
+            f"({reference_info['from_cache']} of {settings.reference.k} from the cache)")
+        if "direction" in reference_info:
+            log(f"  lira/rmia statistic {reference_info['statistic']} {reference_info['direction']} "
+                f"(p = {reference_info['direction_p_value']:.2g})")
+        if tuned := reference_info.get("tuned"):
+            log(f"  tuned: the references choose {tuned['statistic']} (their mean TPR at 1% FPR "
+                f"{tuned['reference_tpr_at_1pct_fpr'][tuned['statistic']]:.2f})")
     uncalibrated = {name: _evaluate(name, s, candidates.is_member, delta, settings) for name, s in scores.items()}
     overall = {name: _pooled(name, s, uncalibrated[name], candidates, delta, settings) for name, s in scores.items()}
     best = max(overall, key=lambda n: overall[n].auc)
@@ -117,6 +126,7 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         "auc_uncalibrated": {n: r.auc for n, r in uncalibrated.items()},
         "queries_per_image": queries,
         "reference_models": reference_info,
+        "fresh_nonmembers": settings.fresh_nonmembers,
         "hospitals": {},
     }
     for h in sorted(set(candidates.hospital.tolist())):

@@ -47,12 +47,13 @@ from attacks.reference_models import (
     recipe_from_config,
     train_references,
 )
+from attacks.tuned import tuned_scores
 from fedgen.base_model import initial_unet, weights_hash
 from fedgen.config import ConfigError, ExperimentConfig
 from fedgen.data.dataset import DataError
 from fedgen.run_dir import RunDir, read_json
 
-REFERENCE_ATTACKS = ("lira", "rmia")
+REFERENCE_ATTACKS = ("lira", "rmia", "tuned")  # tuned: the statistic the references choose (`attacks.tuned`)
 A_GRID = tuple(i / 10 for i in range(11))  # RMIA's a: the values `tune_a` tries
 
 
@@ -192,15 +193,20 @@ def reference_attack_scores(unet, scheduler, candidates: torch.Tensor, refs: Ref
     unknown = [n for n in names if n not in REFERENCE_ATTACKS]
     if unknown:
         raise ValueError(f"unknown reference attack(s) {unknown}; known: {list(REFERENCE_ATTACKS)}")
-    stat = build_attack(config.statistic)
     started = time.perf_counter()
+    scores, info = {}, {}
+    if "tuned" in names:
+        scores["tuned"], info["tuned"] = tuned_scores(unet, scheduler, candidates, refs.models, refs.trained_on,
+                                                      population, batch_size)
+    if "lira" not in names and "rmia" not in names:
+        return scores, {**info, "scoring_seconds": time.perf_counter() - started}
+    stat = build_attack(config.statistic)
     images = torch.cat([candidates, population])
     on_target = stat.score(unet, scheduler, images, batch_size, progress)
     on_refs = np.stack([stat.score(m, scheduler, images, batch_size, progress) for m in refs.models])
     n = len(candidates)
     direction, share, count = statistic_direction(on_refs[:, n:], refs.trained_on)
     z = (~refs.trained_on).any(axis=0)  # population samples with at least one OUT reference
-    scores = {}
     if "lira" in names:
         scores["lira"] = lira_offline(on_target[:n], on_refs[:, :n], direction, config.global_std)
     a = config.a
@@ -209,7 +215,7 @@ def reference_attack_scores(unet, scheduler, candidates: torch.Tensor, refs: Ref
             a, _ = tune_a(on_refs[:, n:], refs.trained_on, direction, config.gamma)
         scores["rmia"] = rmia_offline(on_target[:n], on_refs[:, :n], on_target[n:][z], on_refs[:, n:][:, z],
                                       ~refs.trained_on[:, z], direction, a, config.gamma)
-    info = {
+    info |= {
         "statistic": config.statistic,
         "direction": "as published" if direction > 0 else "flipped (the references' members score lower)",
         # share of population images whose error falls when a reference trains on them, and the
@@ -230,10 +236,12 @@ def run_reference_attacks(run: RunDir, cfg: ExperimentConfig, unet, scheduler, c
                           batch_size: int = 64, progress: bool = False, log=print) -> tuple[dict[str, np.ndarray], dict]:
     """Train (or load) the references for a released run, then score its candidates [N,1,H,W].
     `training` [M,1,H,W]: every image the hospitals trained on; the population must avoid both."""
-    sizes = tuple(int(read_json(h / "records.json")["train_size"]) for h in run.hospital_homes())
-    if not sizes:
+    records = [read_json(h / "records.json") for h in run.hospital_homes()]
+    if not records:
         raise FileNotFoundError(f"{run.root}: no hospitals/*/records.json; the references need the silo sizes")
-    recipe = recipe_from_config(cfg, sizes)
+    # Which images a hospital repeated stays with it; how many, and how often, the config says too.
+    repeats = tuple((len(r.get("duplicated", {})), max(r.get("duplicated", {}).values(), default=0)) for r in records)
+    recipe = recipe_from_config(cfg, tuple(int(r["train_size"]) for r in records), repeats)
     size = config.population_size or 2 * recipe.train_size
     population = population_images(cfg, size, config.population).images
     check_disjoint(population, candidates, "candidates")
@@ -244,7 +252,7 @@ def run_reference_attacks(run: RunDir, cfg: ExperimentConfig, unet, scheduler, c
         raise DataError(f"{run.base}: the run started from other weights than its config's model.init gives "
                         "here; the references would not share the target's start")
     cache = Path(config.cache_dir) if config.cache_dir else run.root / "reference_models"
-    log(f"reference models: {config.k} x {recipe.num_rounds} rounds x {len(sizes)} pseudo-hospitals on "
+    log(f"reference models: {config.k} x {recipe.num_rounds} rounds x {len(records)} pseudo-hospitals on "
         f"{recipe.train_size} of {size} '{config.population}' population images (cache {cache})")
     refs = train_references(init, scheduler, population, recipe, config.k, cache, config.seed, log)
     scores, info = reference_attack_scores(unet, scheduler, candidates, refs, population, config, names,

@@ -10,7 +10,10 @@ or a training image: a reference that saw a candidate would score it as a member
 
 Reference j trains on a random subset of the population, the size of the federation's training
 data, split into as many pseudo-hospitals as the target had, with FedAvg between them: the same
-rounds, local epochs, batch size, optimizer, noise draws, trainable groups and timesteps. The rest
+rounds, local epochs, batch size, optimizer, noise draws, trainable groups and timesteps, and the
+same duplication (a pseudo-hospital repeats as many of its images as often as its hospital did:
+repeats change what a model memorises, and references without them fit the population better than
+the target fits anything, which skews every calibrated score). The rest
 of the population is OUT for j, so every population image is a known member of some references
 and a non-member of others: what LiRA and RMIA learn a statistic's direction from, and RMIA's
 population samples z. Not reproduced: DP (the references are plain by design), the server
@@ -44,7 +47,7 @@ from fedgen.run_dir import read_json, save_torch, write_json
 from fedgen.seeding import derive_seed, torch_generator
 from fedgen.trainable import merge_lora, prepare_training
 
-REFERENCE_FORMAT = "fedgen-reference/1"  # part of the fingerprint: bump when training changes
+REFERENCE_FORMAT = "fedgen-reference/2"  # part of the fingerprint: bump when training changes
 POPULATIONS = ("public", "hospitals")  # or the path of an image folder
 GREY_LEVEL = 2.0 / 255  # one 8-bit step in [-1, 1]
 
@@ -53,7 +56,8 @@ GREY_LEVEL = 2.0 / 255  # one 8-bit step in [-1, 1]
 class ReferenceRecipe:
     """What the released config says about how the target was trained.
 
-    silo_sizes: training images per hospital (the references train as many pseudo-hospitals)
+    silo_sizes: training images per hospital, copies included (the references train as many
+    pseudo-hospitals); duplicated: per hospital, (images repeated, extra copies of each), () for none
     """
 
     model: ModelConfig
@@ -62,16 +66,26 @@ class ReferenceRecipe:
     silo_sizes: tuple[int, ...]
     num_rounds: int
     local_epochs: int
+    duplicated: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.silo_sizes or min(self.silo_sizes) < 1:
             raise ValueError(f"reference recipe: silo sizes must be >= 1, got {self.silo_sizes}")
+        if self.duplicated and (len(self.duplicated) != len(self.silo_sizes)
+                                or min(self.distinct_sizes) < 1 or min(min(d) for d in self.duplicated) < 0):
+            raise ValueError(f"reference recipe: duplication {self.duplicated} does not fit silos {self.silo_sizes}")
         if self.num_rounds < 1 or self.local_epochs < 1:
             raise ValueError("reference recipe: num_rounds and local_epochs must be >= 1")
 
     @property
     def train_size(self) -> int:
         return sum(self.silo_sizes)
+
+    @property
+    def distinct_sizes(self) -> tuple[int, ...]:
+        """Distinct images per hospital: its training images less the extra copies."""
+        repeats = self.duplicated or ((0, 0),) * len(self.silo_sizes)
+        return tuple(size - count * times for size, (count, times) in zip(self.silo_sizes, repeats))
 
 
 @dataclass(frozen=True)
@@ -90,13 +104,17 @@ class ReferenceSet:
     cached: int
 
 
-def recipe_from_config(cfg: ExperimentConfig, silo_sizes: tuple[int, ...]) -> ReferenceRecipe:
+def recipe_from_config(cfg: ExperimentConfig, silo_sizes: tuple[int, ...],
+                       duplicated: tuple[tuple[int, int], ...] = ()) -> ReferenceRecipe:
     fed = cfg.federation
     return ReferenceRecipe(cfg.model, cfg.data.image_size, cfg.training, tuple(int(n) for n in silo_sizes),
-                           fed.num_rounds, fed.local_epochs)
+                           fed.num_rounds, fed.local_epochs, tuple(duplicated) if any(c for c, _ in duplicated) else ())
 
 
-def population_images(cfg: ExperimentConfig, size: int, population: str = "public") -> ImageSet:
+FRESH_PATIENTS_AFTER = 100_000  # `fresh` synthetic patients are numbered this far past the federation's
+
+
+def population_images(cfg: ExperimentConfig, size: int, population: str = "public", fresh: bool = False) -> ImageSet:
     """`size` images the attacker holds, none of them a hospital's.
 
     "public": patients of the public archive's generator (`fedgen.data.public`) numbered after the
@@ -104,6 +122,8 @@ def population_images(cfg: ExperimentConfig, size: int, population: str = "publi
     "hospitals": synthetic patients numbered after the federation's, on the hospitals' scanners
     (the usual assumption of a population from the candidates' distribution); synthetic data only.
     Anything else is read as an image folder (`fedgen.data.loaders`, "folder").
+    fresh: synthetic patients from FRESH_PATIENTS_AFTER on, so never one of a reference population
+    (the audit's extra non-members, `attacks.targets`).
     """
     from fedgen.data.synthetic import generate_xrays
 
@@ -131,12 +151,16 @@ def population_images(cfg: ExperimentConfig, size: int, population: str = "publi
         if len(found) < size:
             raise DataError(f"{population}: {len(found)} images, the references need {size}")
         return found.subset(np.arange(size))
-    # Patient j's images depend only on (seed, source, j), so the first `start` patients are exactly
-    # the archive's (or the federation's) and are dropped. The source cycle keeps its phase.
+    # Patient j's images depend only on (seed, source, j): numbered from `start`, they follow the
+    # archive's (or the federation's) own patients, on the same scanners.
     patients = -(-size // images_per_patient)
-    everyone = generate_xrays(start + patients, images_per_patient, cfg.data.image_size, sources,
-                              finding_rate, seed, first_source=first)
-    return everyone.subset(np.arange(start * images_per_patient, start * images_per_patient + size))
+    if fresh:
+        start += FRESH_PATIENTS_AFTER
+    elif patients > FRESH_PATIENTS_AFTER:
+        raise ValueError(f"reference population: {size} images would reach the audit's fresh patients")
+    drawn = generate_xrays(patients, images_per_patient, cfg.data.image_size, sources, finding_rate, seed,
+                           first_source=first, first_patient=start)
+    return drawn.subset(np.arange(size))
 
 
 def check_disjoint(population: torch.Tensor, private: torch.Tensor, what: str = "candidates") -> None:
@@ -209,19 +233,21 @@ def train_like_target(init: UNet2DModel, scheduler, silos: list[torch.Tensor], r
 
 def train_references(init: UNet2DModel, scheduler, population: torch.Tensor, recipe: ReferenceRecipe,
                      k: int, cache_dir: str | Path | None = None, seed: int = 0, log=print) -> ReferenceSet:
-    """k references, reference j on its own random `recipe.train_size` images of `population`
-    [P,1,H,W]; cached under cache_dir/<fingerprint>/ when a cache_dir is given."""
+    """k references, reference j on its own random sum(`recipe.distinct_sizes`) images of
+    `population` [P,1,H,W], repeated as `recipe.duplicated` says; cached under
+    cache_dir/<fingerprint>/ when a cache_dir is given."""
     if k < 1:
         raise ValueError(f"reference models: k must be >= 1, got {k}")
-    if recipe.train_size >= len(population):
+    distinct = sum(recipe.distinct_sizes)
+    if distinct >= len(population):
         raise ValueError(f"reference population: {len(population)} images, need more than the "
-                         f"{recipe.train_size} each reference trains on (some must stay OUT)")
+                         f"{distinct} each reference trains on (some must stay OUT)")
     fingerprint = reference_fingerprint(population, recipe, init, seed)
     home = Path(cache_dir) / fingerprint if cache_dir is not None else None
     models, trained_on, seconds, steps, cached = [], [], 0.0, 0, 0
     for j in range(k):
         rng = np.random.default_rng(derive_seed("reference-subset", seed, j))
-        chosen = np.sort(rng.choice(len(population), size=recipe.train_size, replace=False))
+        chosen = np.sort(rng.choice(len(population), size=distinct, replace=False))
         mask = np.zeros(len(population), dtype=bool)
         mask[chosen] = True
         path = home / f"ref-{j}.pt" if home is not None else None
@@ -234,8 +260,11 @@ def train_references(init: UNet2DModel, scheduler, population: torch.Tensor, rec
             cached += 1
         else:
             started = time.perf_counter()
-            sizes = np.cumsum((0, *recipe.silo_sizes))
-            silos = [population[torch.from_numpy(chosen[a:b])] for a, b in zip(sizes[:-1], sizes[1:])]
+            sizes = np.cumsum((0, *recipe.distinct_sizes))
+            silos = [chosen[a:b] for a, b in zip(sizes[:-1], sizes[1:])]
+            for h, (count, times) in enumerate(recipe.duplicated):  # the target's repeats, on images of its own
+                silos[h] = np.r_[silos[h], np.repeat(rng.choice(silos[h], size=count, replace=False), times)]
+            silos = [population[torch.from_numpy(index)] for index in silos]
             trained, n = train_like_target(init, scheduler, silos, recipe, ("reference", seed, j))
             model.load_state_dict(trained.state_dict())
             took = time.perf_counter() - started

@@ -54,11 +54,15 @@ def _attack(args: argparse.Namespace) -> int:
     check_count(args.samples, "--samples", 0)
     check_count(args.batch_size, "--batch-size", 1)
     check_writable(args.run_dir, "run_dir")  # attack.json, roc.png and TensorBoard events go there
-    settings = AuditSettings(per_hospital=args.per_hospital, batch_size=args.batch_size)
+    check_count(args.fresh_nonmembers, "--fresh-nonmembers", 0)
+    settings = AuditSettings(per_hospital=args.per_hospital, batch_size=args.batch_size,
+                             fresh_nonmembers=args.fresh_nonmembers)
     if args.attacks:
         settings = dataclasses.replace(settings, attacks=tuple(args.attacks.split(",")))
         check_attacks(settings.attacks, "--attacks")
     check_count(args.references, "--references", 2)  # RMIA tunes its a on the references: k >= 2
+    if "tuned" in settings.attacks:  # it fits its lines on the references other than the one it tests
+        check_count(args.references, "--references (with tuned)", 3)
     reference = dataclasses.replace(settings.reference, k=args.references, statistic=args.reference_statistic,
                                     population=args.population, cache_dir=args.reference_cache)
     settings = dataclasses.replace(settings, reference=reference)
@@ -203,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     att.add_argument("run_dir", help="a run directory, e.g. runs/default")
     att.add_argument(
-        "--attacks", help="comma-separated subset of: loss,pia,pian,secmi,sima,lira,rmia (default: all but "
-        "lira,rmia, which first train --references reference models)"
+        "--attacks", help="comma-separated subset of: loss,pia,pian,secmi,sima,lira,rmia,tuned (default: all but "
+        "lira,rmia,tuned, which first train --references reference models)"
     )
-    att.add_argument("--references", type=int, default=4, help="lira/rmia: reference models to train (k >= 2)")
+    att.add_argument("--references", type=int, default=4, help="lira/rmia/tuned: reference models to train (k >= 2)")
     att.add_argument("--reference-statistic", default="sima", help="lira/rmia: the per-image statistic they calibrate")
     att.add_argument("--reference-cache", default=None,
                      help="lira/rmia: where trained reference models are kept, by fingerprint (default: "
@@ -219,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     att.add_argument(
         "--samples", type=int, default=256, help="generated images for extraction (0: skip)"
     )
+    att.add_argument("--fresh-nonmembers", type=int, default=0,
+                     help="synthetic federations: this many more non-members, new patients of the hospitals' "
+                          "scanners (TPR at 1%% FPR needs ~1000 non-members to mean something)")
     att.add_argument("--batch-size", type=int, default=64)
     att.set_defaults(run=_attack)
     adp = commands.add_parser(

@@ -38,6 +38,7 @@ from attacks.reference_models import (
     train_like_target,
     train_references,
 )
+from attacks.tuned import fit_in_out, in_out_ratio, reference_rates
 from fedgen.config import ConfigError, ModelConfig, TrainingConfig
 from fedgen.data.dataset import DataError
 from fedgen.data.synthetic import generate_xrays
@@ -252,3 +253,113 @@ def test_fedgen_attack_refuses_a_population_folder_holding_a_candidate(tmp_path,
     assert main(args) == 2  # the CLI's exit status for bad input: one line, no traceback
     error = capsys.readouterr().err
     assert "holds 1 of the candidates" in error and not (run.root / "attack.json").exists()
+
+
+def _floor_scores(k: int = 8, population: int = 400, candidates: int = 2000, seed: int = 0):
+    """Log errors where training pulls an image towards one floor whatever its difficulty m, as on
+    fedgen's small memorising models (more strongly than there): OUT s = m + noise, IN s = 1 + 0.1 m
+    + noise. A hard image (large m) that was trained on scores below its OUT mean: offline LiRA reads
+    that as "not a member"; the fitted IN line does not."""
+    rng = np.random.default_rng(seed)
+
+    def draw(m, is_in):
+        return np.where(is_in, 1.0 + 0.1 * m, m) + 0.2 * rng.standard_normal(m.shape)
+
+    m_pop, m_cand = rng.standard_normal(population), rng.standard_normal(candidates)
+    trained_on = np.stack([rng.permutation(population) < population // 2 for _ in range(k)])
+    pop = np.stack([draw(m_pop, t) for t in trained_on])
+    is_member = np.arange(candidates) < candidates // 10
+    refs = np.stack([draw(m_cand, np.zeros(candidates, bool)) for _ in range(k)])
+    return pop, trained_on, draw(m_cand, is_member), refs, is_member
+
+
+def test_the_in_out_rule_learns_a_member_floor_that_offline_lira_misses():
+    pop, trained_on, target, refs, is_member = _floor_scores()
+    fits = fit_in_out(pop, trained_on)
+    assert fits[True][1] == pytest.approx(0.1, abs=0.1) and fits[False][1] == pytest.approx(1.0, abs=0.1)
+    ratio = in_out_ratio(target, refs.mean(axis=0), fits)
+    lira = lira_offline(-np.exp(-target), -np.exp(-refs))  # lira_offline takes negated errors
+    in_out_rate, lira_rate = _rates(ratio, is_member), _rates(lira, is_member)
+    print(f"\nin-out {in_out_rate}, offline LiRA {lira_rate}, raw {_rates(target, is_member)}")
+    assert in_out_rate[0] > lira_rate[0] + 0.1 and in_out_rate[1] > lira_rate[1]  # measured: AUC 0.98 vs 0.84
+    # On the references alone (each playing the target in turn), the rule shows the same advantage.
+    assert reference_rates(pop, trained_on, "in-out")[0] > reference_rates(pop, trained_on, "raw")[0] + 0.2
+
+
+def test_tuned_chooses_on_the_references_and_finds_the_partly_memorised_members(setting):
+    s = setting
+    candidates = torch.cat([s["members"], s["heldout"], s["fresh"]])
+    is_member = np.r_[np.ones(N, bool), np.zeros(len(candidates) - N, bool)]
+    scores, info = reference_attack_scores(s["target"], s["scheduler"], candidates, s["refs"], s["population"],
+                                           ReferenceAttackConfig(statistic=STATISTIC, k=K), names=("tuned",))
+    chosen = info["tuned"]
+    assert chosen["statistic"] in chosen["reference_tpr_at_1pct_fpr"]
+    assert chosen["reference_tpr_at_1pct_fpr"][chosen["statistic"]] == max(chosen["reference_tpr_at_1pct_fpr"].values())
+    default = build_attack(STATISTIC).score(s["target"], s["scheduler"], candidates)
+    print(f"\ntuned {chosen['statistic']}: {_rates(scores['tuned'], is_member)}, default {STATISTIC}: "
+          f"{_rates(default, is_member)}")
+    assert auc(scores["tuned"], is_member) > 0.85
+    untrained, _ = reference_attack_scores(s["init"], s["scheduler"], candidates, s["refs"], s["population"],
+                                           ReferenceAttackConfig(statistic=STATISTIC, k=K), names=("tuned",))
+    assert abs(auc(untrained["tuned"], is_member) - 0.5) < 0.2
+
+
+def test_fresh_nonmembers_are_new_patients_of_each_hospitals_scanner(tmp_path):
+    from test_utility import make_run
+
+    from attacks.reference_models import population_images
+    from attacks.targets import candidates_from_run
+
+    run = make_run(tmp_path / "runs" / "tiny", SMALL_RUN)
+    plain, training = candidates_from_run(run.root)
+    more, _ = candidates_from_run(run.root, fresh=30)
+    n = len(plain.images)
+    assert torch.equal(more.images[:n], plain.images) and (more.is_member[:n] == plain.is_member).all()
+    fresh = more.images[n:]
+    assert len(fresh) == 30 and not more.is_member[n:].any()
+    for hospital, patient in zip(more.hospital[n:], more.patient[n:]):
+        assert patient.startswith(f"s{hospital}-")  # the synthetic generator's id: its scanner
+    assert not set(more.patient[n:]) & set(plain.patient)
+    check_disjoint(fresh, torch.cat([plain.images, training]), "the run's images")
+    cfg = run.experiment_config()
+    check_disjoint(population_images(cfg, 200, "hospitals").images, fresh, "fresh non-members")
+    iid = make_run(tmp_path / "runs" / "iid", [*SMALL_RUN, "federation.partitioning=iid"])
+    with pytest.raises(ConfigError, match="federation.partitioning=source"):
+        candidates_from_run(iid.root, fresh=10)
+
+
+def test_fedgen_attack_adds_fresh_nonmembers_and_runs_tuned(tmp_path):
+    from test_utility import make_run
+
+    from fedgen.cli import main
+
+    run = make_run(tmp_path / "runs" / "tiny", SMALL_RUN)
+    args = ["attack", str(run.root), "--attacks", "sima,tuned", "--references", "3", "--samples", "0",
+            "--population", "hospitals", "--fresh-nonmembers", "40"]
+    assert main(args) == 0
+    report = json.loads((run.root / "attack.json").read_text())
+    assert report["fresh_nonmembers"] == 40
+    sima, tuned = report["attacks"]["sima"], report["attacks"]["tuned"]
+    assert sima["num_nonmembers"] == sima["num_members"] + 40 and tuned["num_nonmembers"] == sima["num_nonmembers"]
+    assert report["reference_models"]["tuned"]["statistic"].startswith("sima t=")
+    assert 0.2 < tuned["auc"] < 0.8  # the released model is untrained: chance
+    assert main([*args[:-2], "--fresh-nonmembers", "-1"]) == 2
+    assert main([*args[:4], "--references", "2", *args[6:]]) == 2  # tuned needs k >= 3
+
+
+def test_references_repeat_images_as_the_target_did(tmp_path):
+    """A hospital that trained 2 of its images 3 extra times: each pseudo-hospital trains on 4
+    distinct population images plus 6 copies, so its steps (Poisson rate batch / 10) and its share
+    of the population are the target's."""
+    training = TrainingConfig(batch_size=4, learning_rate=1e-3)
+    repeated = ReferenceRecipe(ModelConfig(), 16, training, (10,), num_rounds=1, local_epochs=1, duplicated=((2, 3),))
+    assert repeated.distinct_sizes == (4,) and repeated.train_size == 10
+    population = generate_xrays(12, 1, 16, 1, 0.3, seed=3).images
+    init, scheduler = build_unet(ModelConfig(), 16), build_scheduler(ModelConfig())
+    refs = train_references(init, scheduler, population, repeated, 2, tmp_path, seed=0, log=lambda *_: None)
+    assert (refs.trained_on.sum(axis=1) == 4).all() and refs.steps == 2 * 3  # 2 references x ceil(10 / 4) steps
+    plain = train_references(init, scheduler, population, ReferenceRecipe(ModelConfig(), 16, training, (4,), 1, 1),
+                             2, tmp_path, seed=0, log=lambda *_: None)
+    assert plain.steps == 2 * 1 and plain.fingerprint != refs.fingerprint
+    with pytest.raises(ValueError, match="does not fit"):
+        ReferenceRecipe(ModelConfig(), 16, training, (10,), 1, 1, duplicated=((4, 3),))

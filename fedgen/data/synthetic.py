@@ -277,6 +277,7 @@ def generate_xrays(
     finding_rate: float,
     seed: int,
     first_source: int = 0,
+    first_patient: int = 0,
 ) -> ImageSet:
     """Synthetic chest X-rays: images [num_patients * images_per_patient, 1, S, S] in [-1, 1].
 
@@ -286,6 +287,8 @@ def generate_xrays(
     images together. The finding is drawn per patient (a nodule persists between a patient's
     films): with probability finding_rate the patient has one nodule, label 1, in every image;
     otherwise label 0. Everything else about a patient is the same whatever finding_rate is.
+    Patients are numbered from `first_patient`: patient j is the same image whichever range holds
+    it, so a later range gives new patients of the same scanners.
     """
     for name, value in (
         ("num_patients", num_patients),
@@ -301,12 +304,12 @@ def generate_xrays(
     if seed < 0:
         raise DataError(f"seed must be >= 0, got {seed}")
 
-    if first_source < 0:
-        raise DataError(f"first_source must be >= 0, got {first_source}")
+    if first_source < 0 or first_patient < 0:
+        raise DataError(f"first_source and first_patient must be >= 0, got {first_source} and {first_patient}")
     profiles = [acquisition_profile(first_source + s, seed) for s in range(num_sources)]
     rows: list[dict] = []
     patient_ids, labels, sources = [], [], []
-    for j in range(num_patients):
+    for j in range(first_patient, first_patient + num_patients):
         source = first_source + j % num_sources
         rng = np.random.default_rng([seed, source, _PATIENT_STREAM, j])
         patient = _draw_patient(rng, finding_rate)
