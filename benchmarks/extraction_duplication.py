@@ -3,10 +3,12 @@
 Trains `experiment=leak` (no DP, memorises) with 10% of each hospital's images duplicated 0, 3, 10
 and 30 extra times, each trained on about as many images in all (the local epochs shrink as the
 silos grow, so only the duplication changes), then draws samples from each released model and counts
-those nearer a training image than all but 1% of held-out images are (`attacks/extraction.py`),
-split by whether that image was duplicated.
+those nearer a training image than all but 1% of the non-members are (`attacks/extraction.py`),
+split by whether that image was duplicated. The non-members are the silos' held-out patients and
+`--fresh-nonmembers` new ones, so that 1% quantile is read off about a thousand images.
 
 Usage: python benchmarks/extraction_duplication.py [--times 0,3,10,30] [--samples 512] [--runs-dir DIR]
+                                                  [--fresh-nonmembers 1000]
 Writes benchmarks/results/extraction_duplication.json (command, commit, load average, one row per
 duplication level).
 """
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--out", default="benchmarks/results/extraction_duplication.json")
     parser.add_argument("--runs-dir", default=None)
+    parser.add_argument("--fresh-nonmembers", type=int, default=1000, help="new patients added to the non-members")
     args = parser.parse_args()
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fedgen-dup-"))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -47,7 +50,8 @@ def main() -> None:
         name = f"dup{times}"
         train_s = run([FEDGEN, "simulate", "experiment=leak", f"name={name}", f"runs_dir={runs_dir}",
                        f"federation.duplicate_times={times}", f"federation.local_epochs={epochs}"])
-        attack_s = run([FEDGEN, "attack", str(runs_dir / name), "--attacks", "sima", "--samples", str(args.samples)])
+        attack_s = run([FEDGEN, "attack", str(runs_dir / name), "--attacks", "sima", "--samples", str(args.samples),
+                        "--fresh-nonmembers", str(args.fresh_nonmembers)])
         report = json.loads((runs_dir / name / "attack.json").read_text())
         ex = report["extraction"]
         row = {"extra_copies": times, "local_epochs": epochs, "sima_auc": report["attacks"]["sima"]["auc"],
