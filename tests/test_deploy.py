@@ -180,3 +180,22 @@ def test_the_server_takes_replies_as_they_come_not_on_flowers_3_s_poll():
     started = time.monotonic()
     assert list(PromptGrid(SlowGrid(delay=60)).send_and_receive(["a"], timeout=0.3)) == []  # type: ignore[arg-type]
     assert 0.3 <= time.monotonic() - started < 1.0
+
+
+def test_the_supernode_polls_flower_loop_with_capped_sleeps(monkeypatch):
+    """fedgen's SuperNodes run Flower's own loop, its 3 s idle sleep capped at 0.2 s."""
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from clients import prompt_supernode
+
+    assert supernode_command("h:1", None, None, "k=1", 9094)[1:3] == ["-m", "clients.prompt_supernode"]
+    monkeypatch.setattr(loop, "time", time)  # restored after the test
+    assert prompt_supernode.shorten_polls()
+    started = time.perf_counter()
+    loop.time.sleep(3)
+    assert time.perf_counter() - started < 1.0 and loop.time.monotonic() > 0
+    monkeypatch.setattr(loop, "time", object())  # a Flower whose loop no longer matches: left alone
+    with pytest.warns(UserWarning, match="Flower's pace"):
+        assert not prompt_supernode.shorten_polls()

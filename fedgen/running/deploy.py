@@ -103,7 +103,8 @@ def supernode_command(superlink: str, ca: Path | None, key: Path | None, config:
     ClientApp executor (`executor_command`, with `isolation="process"`) takes its tasks."""
     if isolation not in ISOLATIONS:
         raise DeploymentError(f"--isolation: one of {', '.join(ISOLATIONS)}, got '{isolation}'")
-    command = [executable("flower-supernode"), "--superlink", superlink]
+    # Flower's flower-supernode, polling for messages every 0.2 s rather than 3 s (`clients/prompt_supernode.py`).
+    command = [sys.executable, "-m", "clients.prompt_supernode", "--superlink", superlink]
     if ca is None:
         command += ["--insecure"]
     else:
