@@ -156,7 +156,7 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
     ex = report["extraction"]
     log(f"  extraction: {ex['num_flagged']} of {ex['num_samples']} samples flagged as copies"
         + (f"; {ex['num_nearer_than_heldout']} nearer a training image than all but "
-           f"{settings.extraction.calibration_quantile:.0%} of held-out images are "
+           f"{settings.extraction.calibration_quantile:.0%} of the non-members are "
            f"({ex['expected_by_chance']:.1f} expected by chance, p = {ex['p_value']:.2g})"
            if ex.get("p_value") is not None else ""))
     dup = ex.get("by_duplication")
