@@ -47,6 +47,7 @@ from attacks.reference_models import (
     recipe_from_config,
     train_references,
 )
+from attacks.scores import log_error
 from attacks.tuned import tuned_scores
 from fedgen.base_model import initial_unet, weights_hash
 from fedgen.config import ConfigError, ExperimentConfig
@@ -117,15 +118,10 @@ def statistic_direction(pop_ref: np.ndarray, trained_on: np.ndarray) -> tuple[fl
     if not both.any():
         raise ValueError("direction: no population image is IN for one reference and OUT for another "
                          "(train more references, or on a smaller share of the population)")
-    s, m = _log_error(pop_ref)[:, both], trained_on[:, both]
+    s, m = log_error(pop_ref)[:, both], trained_on[:, both]
     gap = (s * m).sum(axis=0) / m.sum(axis=0) - (s * ~m).sum(axis=0) / (~m).sum(axis=0)
     raised = float((gap > 0).mean() + 0.5 * (gap == 0).mean())
     return (1.0 if raised >= 0.5 else -1.0), raised, int(both.sum())
-
-
-def _log_error(s: np.ndarray) -> np.ndarray:
-    """-log(-s) when every s < 0 (minus the log of the error), else s itself: monotone in s."""
-    return -np.log(-s) if (s < 0).all() else s
 
 
 def lira_offline(target: np.ndarray, ref_out: np.ndarray, direction: float = 1.0, global_std: bool = True) -> np.ndarray:
@@ -133,7 +129,7 @@ def lira_offline(target: np.ndarray, ref_out: np.ndarray, direction: float = 1.0
     target, ref_out = _check(target, ref_out, "lira")
     if not global_std and ref_out.shape[0] < 2:
         raise ValueError("lira: a per-example std needs k >= 2 references")
-    both = _log_error(np.concatenate([target[None], ref_out]))
+    both = log_error(np.concatenate([target[None], ref_out]))
     t, r = direction * both[0], direction * both[1:]
     mu = r.mean(axis=0)
     if global_std:
@@ -171,7 +167,7 @@ def rmia_offline(target_x: np.ndarray, ref_x: np.ndarray, target_z: np.ndarray, 
     # log Pr(x|theta): the direction-adjusted log error, on the scale of the spread between
     # population images (so that it, not the statistic's units, sets how far Pr falls below 1 and
     # with it the weight of the (1 - a) term), shifted to be <= 0.
-    values = [direction * _log_error(v) for v in (target_x, ref_x, target_z, ref_z)]
+    values = [direction * log_error(v) for v in (target_x, ref_x, target_z, ref_z)]
     scale = max(float(values[3].std()), 1e-12)
     top = max(float(v.max()) for v in values)
     tx, rx, tz, rz = ((v - top) / scale for v in values)

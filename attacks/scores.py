@@ -29,3 +29,10 @@ def confusion_counts(scores: Any, is_member: Any) -> tuple[np.ndarray, np.ndarra
     tp = np.cumsum(m_sorted)[ends]
     fp = ends + 1 - tp
     return np.r_[np.inf, s_sorted[ends]], np.r_[0, tp], np.r_[0, fp]
+
+
+def log_error(s: np.ndarray) -> np.ndarray:
+    """-log(-s) when every s < 0 (a negated error: minus the log of the error), else s itself.
+    Monotone in s, so higher = member still; errors are positive and skewed, and their log is
+    what the reference-model attacks fit Gaussians and lines to."""
+    return -np.log(-s) if (s < 0).all() else s

@@ -29,6 +29,7 @@ import torch
 
 from attacks.membership import build_attack
 from attacks.metrics import batched_auc, roc_curve, tpr_at_fpr
+from attacks.scores import log_error
 from attacks.sima import SimAConfig
 
 GRID = tuple(SimAConfig(timestep=t, p=p) for t in (5, 10, 20, 50, 100) for p in (2, 4))
@@ -38,11 +39,6 @@ FPR = 0.01
 
 def label(config: SimAConfig, rule: str) -> str:
     return f"sima t={config.timestep} p={config.p} {rule}"
-
-
-def log_error(s: np.ndarray) -> np.ndarray:
-    """-log(-s) for a negated error s < 0 (higher = member still), else s."""
-    return -np.log(-s) if (s < 0).all() else s
 
 
 def out_mean(values: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,11 +61,11 @@ def fit_in_out(values: np.ndarray, trained_on: np.ndarray) -> dict[bool, tuple[f
     x, y, is_in = map(np.concatenate, (xs, ys, ins))
     fits = {}
     for side in (True, False):
-        if (x[is_in == side]).size < 3:
+        xv, yv = x[is_in == side], y[is_in == side]
+        if xv.size < 3:
             raise ValueError("tuned: too few population images IN (or OUT) of a reference to fit its line")
-        slope, intercept = np.polyfit(x[is_in == side], y[is_in == side], 1)
-        sd = float((y[is_in == side] - intercept - slope * x[is_in == side]).std())
-        fits[side] = (float(intercept), float(slope), max(sd, 1e-12))
+        slope, intercept = np.polyfit(xv, yv, 1)
+        fits[side] = (float(intercept), float(slope), max(float((yv - intercept - slope * xv).std()), 1e-12))
     return fits
 
 
@@ -115,12 +111,11 @@ def tuned_scores(unet, scheduler, candidates: torch.Tensor, models: list, traine
         for rule in RULES:
             rates[(config, rule)] = reference_rates(on_refs[config], trained_on, rule)
     config, rule = max(rates, key=lambda option: rates[option])
-    target = log_error(build_attack("sima", config).score(unet, scheduler, candidates, batch_size))
-    scores = target
+    chosen = build_attack("sima", config)
+    scores = log_error(chosen.score(unet, scheduler, candidates, batch_size))
     if rule == "in-out":
-        candidate_refs = log_error(np.stack([build_attack("sima", config).score(m, scheduler, candidates, batch_size)
-                                             for m in models]))
-        scores = in_out_ratio(target, candidate_refs.mean(axis=0), fit_in_out(on_refs[config], trained_on))
+        on_candidates = log_error(np.stack([chosen.score(m, scheduler, candidates, batch_size) for m in models]))
+        scores = in_out_ratio(scores, on_candidates.mean(axis=0), fit_in_out(on_refs[config], trained_on))
     info = {"statistic": label(config, rule), "timestep": config.timestep, "p": config.p, "rule": rule,
             "reference_tpr_at_1pct_fpr": {label(c, r): v[0] for (c, r), v in rates.items()},
             "reference_auc": {label(c, r): v[1] for (c, r), v in rates.items()}}
