@@ -39,9 +39,10 @@ from opacus.validators import ModuleValidator
 from fedgen.config import ExperimentConfig, load_config
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.model import build_scheduler, build_unet
+from fedgen.privacy.dp_optimizer import NoisingDPOptimizer
 from fedgen.privacy.dp_sgd import make_optimizer
 from fedgen.privacy.per_sample_grads import per_sample_gradients
-from fedgen.privacy.randomness import NoisingDPOptimizer, SecretRandomness
+from fedgen.privacy.randomness import SecretRandomness
 
 # Any values: a step's cost depends on neither (the accountant hook only records them).
 NOISE_MULTIPLIER = 1.0

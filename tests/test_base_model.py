@@ -16,8 +16,9 @@ from fedgen.data.silos import build_silos
 from fedgen.diffusion import Diffusion
 from fedgen.model import build_scheduler, build_unet
 from fedgen.privacy.accounting import EpsilonLedger, make_plan
+from fedgen.privacy.dp_optimizer import NoisingDPOptimizer
 from fedgen.privacy.dp_sgd import noisy_step, train_locally
-from fedgen.privacy.randomness import NoisingDPOptimizer, ReproducibleRandomness
+from fedgen.privacy.randomness import ReproducibleRandomness
 
 SMALL = ["model.init=null", "data.image_size=16", "data.num_patients=60", "pretrain.num_patients=48", "pretrain.epochs=2"]
 

@@ -11,6 +11,7 @@ from fedgen.config import load_config
 from fedgen.diffusion import Diffusion
 from fedgen.model import build_scheduler, build_unet
 from fedgen.privacy.accounting import EpsilonLedger, make_plan
+from fedgen.privacy.dp_optimizer import NoisingDPOptimizer
 from fedgen.privacy.dp_sgd import (
     group_chunks,
     noisy_step,
@@ -18,7 +19,7 @@ from fedgen.privacy.dp_sgd import (
     train_locally,
     units_to_images,
 )
-from fedgen.privacy.randomness import NoisingDPOptimizer, privacy_randomness
+from fedgen.privacy.randomness import privacy_randomness
 
 
 def _grad_norm(unet) -> float:

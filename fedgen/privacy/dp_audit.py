@@ -44,6 +44,7 @@ import torch
 from fedgen.audit_bounds import one_run_epsilon_lb_best, one_run_gdp_lb, one_run_guess_grid
 from fedgen.diffusion import Diffusion
 from fedgen.privacy.accounting import epsilon_of
+from fedgen.privacy.dp_optimizer import NoisingDPOptimizer
 from fedgen.privacy.dp_sgd import noisy_step
 from fedgen.privacy.gradient_canaries import (
     CANARY_NORM,
@@ -51,7 +52,7 @@ from fedgen.privacy.gradient_canaries import (
     ParameterLayout,
     quietest_coordinates,
 )
-from fedgen.privacy.randomness import NoisingDPOptimizer, SecretRandomness, poisson_batches
+from fedgen.privacy.randomness import SecretRandomness, poisson_batches
 from fedgen.seeding import torch_generator
 
 PROBE_IMAGES = 32  # images whose gradients choose the canaries' coordinates

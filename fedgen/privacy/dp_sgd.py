@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.privacy.accounting import EpsilonLedger, TrainingPlan
+from fedgen.privacy.dp_optimizer import NoisingDPOptimizer
 from fedgen.privacy.gradient_subspace import GradientSubspace, public_subspace
 from fedgen.privacy.per_sample_grads import per_sample_gradients
-from fedgen.privacy.randomness import NoisingDPOptimizer, poisson_batches, privacy_randomness
+from fedgen.privacy.randomness import poisson_batches, privacy_randomness
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,7 @@ import math
 import os
 from collections.abc import Iterator
 
-import numpy as np
 import torch
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from fedgen.seeding import torch_generator
 
@@ -56,23 +53,40 @@ class SecretRandomness:
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
         self._stream = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None).encryptor()
+        self._zeros, self._out = b"", bytearray()
 
     def uniform(self, n: int) -> torch.Tensor:
         """[n] float64 uniforms in (0, 1], 53 random bits each."""
-        keystream = self._stream.update(bytes(8 * n))  # encrypting zeros yields the keystream
-        bits = np.frombuffer(keystream, dtype=np.uint64) >> np.uint64(11)
-        return torch.from_numpy((bits.astype(np.float64) + 1.0) * 2.0**-53)
+        words = torch.frombuffer(self._keystream(8 * n), dtype=torch.int64, count=n)
+        # The top 53 bits of each word, as a signed integer in [-2^52, 2^52) (the shift keeps the
+        # sign), moved to [1, 2^53]: exact in float64, and 53 uniform bits as before.
+        return (words >> 11).double().add_(2.0**52 + 1.0).mul_(2.0**-53)
+
+    def _keystream(self, nbytes: int) -> bytearray:
+        """The next `nbytes` of keystream (encrypting zeros yields it), in a buffer reused by the
+        next call: allocating 8 MB of zeros and of output per DP step cost more than the cipher."""
+        if len(self._zeros) < nbytes:
+            self._zeros = bytes(nbytes)
+            self._out = bytearray(nbytes + 64)  # update_into wants room for a block more
+        self._stream.update_into(memoryview(self._zeros)[:nbytes], self._out)
+        return self._out
 
     def gaussian(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """N(0, std^2) noise of `reference`'s shape, dtype and device."""
         n = reference.numel()
-        half = 2 * n  # 4n normals from 4n uniforms: Box-Muller turns each pair into two
-        u = self.uniform(4 * n)
-        radius = torch.sqrt(-2.0 * torch.log(u[:half]))
-        angle = (2.0 * math.pi) * u[half:]
-        normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
-        noise = normals.view(4, n).sum(0) * (std / 2.0)
+        u = self.uniform(4 * n)  # 4n normals from 4n uniforms: Box-Muller turns each pair into two
+        radius = torch.log(u[: 2 * n]).mul_(-2.0).sqrt_()
+        angle = u[2 * n :].mul_(2.0 * math.pi)
+        cos_part = radius * torch.cos(angle)
+        sin_part = radius.mul_(torch.sin(angle))
+        # Each coordinate sums 4 of the normals: two cosine and two sine ones.
+        noise = (cos_part[:n] + cos_part[n:]).add_(sin_part[:n]).add_(sin_part[n:]).mul_(std / 2.0)
         return noise.view_as(reference).to(device=reference.device, dtype=reference.dtype)
+
+    def gaussian_flat(self, references: list[torch.Tensor], std: float) -> torch.Tensor:
+        """N(0, std^2) noise for all of `references`' coordinates, flat, in one draw."""
+        total = sum(r.numel() for r in references)
+        return self.gaussian(references[0].new_empty(total), std)
 
     def draws_generator(self) -> torch.Generator:
         """The diffusion loss's (timestep, noise) draws, seeded from the keystream (63 bits)."""
@@ -94,6 +108,10 @@ class ReproducibleRandomness:
 
     def uniform(self, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.sampling)
+
+    def gaussian_flat(self, references: list[torch.Tensor], std: float) -> torch.Tensor:
+        """One draw per reference, in order: the stream fedgen drew before it drew all at once."""
+        return torch.cat([self.gaussian(r, std).reshape(-1) for r in references])
 
     def gaussian(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         return torch.normal(0.0, std, size=reference.shape, generator=self.noise).to(
@@ -122,18 +140,3 @@ def poisson_batches(num_examples: int, sample_rate: float, steps: int, randomnes
     Empty batches are yielded too: the analysis assumes every step releases a noisy update."""
     for _ in range(steps):
         yield torch.nonzero(randomness.uniform(num_examples) < sample_rate).reshape(-1)
-
-
-class NoisingDPOptimizer(DPOptimizer):
-    """Opacus's DPOptimizer (clip, sum, scale, account) with the noise drawn from `randomness`."""
-
-    def __init__(self, *args, randomness: Randomness, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.randomness = randomness
-
-    def add_noise(self) -> None:
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            noise = self.randomness.gaussian(p.summed_grad, self.noise_multiplier * self.max_grad_norm)
-            p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
