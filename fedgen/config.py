@@ -31,6 +31,7 @@ from fedgen.schema import (  # noqa: F401  (re-exported: the schema is part of t
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DATA_SOURCES = ("synthetic", "medmnist", "folder", "dicom")
+LR_SCHEDULES = ("constant", "cosine")
 SYNTHETIC_MIN_SIZE = 16  # smaller, the synthetic X-rays' anatomy and nodules are a few blurred pixels
 
 
@@ -189,6 +190,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(t.learning_rate > 0, "training.learning_rate", f"must be > 0, got {t.learning_rate}")
     _require(t.noise_multiplicity >= 1, "training.noise_multiplicity", "must be >= 1")
     _require(t.optimizer in ("adam", "sgd"), "training.optimizer", f"unknown '{t.optimizer}'")
+    _require(t.lr_schedule in LR_SCHEDULES, "training.lr_schedule",
+             f"must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     _require(0.0 <= t.ema_decay < 1.0, "training.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     _require(t.max_physical_batch_size >= 0, "training.max_physical_batch_size",
              f"must be >= 0 (0: no limit), got {t.max_physical_batch_size}")

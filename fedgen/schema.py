@@ -79,6 +79,9 @@ class TrainingConfig:
     # The plain default; conf/training/default.yaml, the demo's DP recipe, sets 128 (less noise per example).
     batch_size: int = 32  # expected (logical) batch size: Poisson sample rate q = batch_size / N
     learning_rate: float = 2e-3
+    # constant | cosine: the rate falls from learning_rate to 0 along a half cosine over every step
+    # the whole training plans (all rounds): DP-SGD's noise floor scales with the rate.
+    lr_schedule: str = "constant"
     optimizer: str = "adam"  # adam | sgd
     noise_multiplicity: int = 1  # K draws of (t, noise) averaged per example before clipping
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -31,6 +31,7 @@ def test_default_composes_to_typed_config():
         ("federation.sampling_method=euler", "federation.sampling_method"),
         ("federation.sampling_steps=0", "federation.sampling_steps"),
         ("training.timestep_range=[500,100]", "training.timestep_range"),
+        ("training.lr_schedule=linear", "training.lr_schedule"),
         ("training.timestep_range=[0,1001]", "training.timestep_range"),
     ],
 )

@@ -100,3 +100,40 @@ def test_plain_mode_learns_through_the_same_loop(setup):
     assert result.epsilon == float("inf") and result.noise_multiplier == 0.0
     assert result.steps == 30
     assert result.loss < first.loss
+
+
+def test_cosine_schedule_falls_from_the_rate_to_zero_over_every_planned_round(base_config):
+    from fedgen.privacy.accounting import TrainingPlan
+    from fedgen.privacy.dp_sgd import learning_rate_at
+
+    plan = TrainingPlan(num_examples=40, sample_rate=0.25, steps_per_epoch=4, local_epochs=5, num_rounds=3)  # 60 steps
+    rate = 1e-3
+    cosine = dataclasses.replace(base_config, training=dataclasses.replace(
+        base_config.training, learning_rate=rate, lr_schedule="cosine"))
+    constant = dataclasses.replace(cosine, training=dataclasses.replace(cosine.training, lr_schedule="constant"))
+    rates = [learning_rate_at(cosine, plan, r, s) for r in (1, 2, 3) for s in range(plan.steps_per_round)]
+    assert rates[0] == rate
+    assert rates[30] == pytest.approx(rate / 2)  # half way through the plan: round 2's 11th step
+    assert rates[-1] < rate * 0.01
+    assert all(a > b for a, b in zip(rates, rates[1:]))  # falls at every step, across rounds too
+    assert {learning_rate_at(constant, plan, r, s) for r in (1, 3) for s in (0, 19)} == {rate}
+
+
+def test_train_locally_steps_at_the_scheduled_rate(setup, monkeypatch):
+    from fedgen.privacy.accounting import TrainingPlan
+    from fedgen.privacy.dp_sgd import learning_rate_at
+
+    cfg, unet, diffusion, images = setup
+    cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, lr_schedule="cosine", optimizer="adam"))
+    plan = TrainingPlan(num_examples=64, sample_rate=0.5, steps_per_epoch=2, local_epochs=2, num_rounds=3)
+    seen = []
+    original = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    train_locally(unet, diffusion, images, cfg, plan, None, (0, 0, 2), server_round=2)
+    assert seen == [learning_rate_at(cfg, plan, 2, s) for s in range(plan.steps_per_round)]
+    assert seen[-1] < seen[0] < cfg.training.learning_rate  # round 2 of 3: below the start rate

@@ -12,6 +12,7 @@ batch mean.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,18 @@ def make_optimizer(cfg: ExperimentConfig, params) -> torch.optim.Optimizer:
     if cfg.training.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.training.learning_rate)
     return torch.optim.SGD(params, lr=cfg.training.learning_rate)
+
+
+def learning_rate_at(cfg: ExperimentConfig, plan: TrainingPlan, server_round: int, step: int) -> float:
+    """The rate of local step `step` (from 0) of round `server_round`: training.learning_rate, or
+    under `cosine` that rate times (1 + cos(pi s / S)) / 2, s this step's index in the whole plan
+    and S the plan's steps (all rounds). A function of the plan only, which every party knows."""
+    rate = cfg.training.learning_rate
+    if cfg.training.lr_schedule == "constant":
+        return rate
+    total = plan.steps_per_round * plan.num_rounds
+    s = min((server_round - 1) * plan.steps_per_round + step, total)
+    return rate * 0.5 * (1.0 + math.cos(math.pi * s / total))
 
 
 def noisy_step(
@@ -204,8 +217,9 @@ def train_locally(
     bar = tqdm(total=steps, desc=f"round {server_round} local", disable=not progress, leave=False)
     unit_images = units_to_images(groups, plan.num_examples) if groups is not None else None
     group_of = None
-    for _ in range(plan.local_epochs):
-        for index in poisson_batches(plan.num_examples, plan.sample_rate, plan.steps_per_epoch, randomness):
+    for epoch in range(plan.local_epochs):
+        batches = poisson_batches(plan.num_examples, plan.sample_rate, plan.steps_per_epoch, randomness)
+        for step, index in enumerate(batches, start=epoch * plan.steps_per_epoch):
             if unit_images is not None:  # sampled units -> their images, grouped contiguously
                 members = [unit_images[u] for u in index.tolist()]
                 group_of = torch.repeat_interleave(torch.arange(len(members)),
@@ -228,6 +242,8 @@ def train_locally(
             for p, w in zip(params, global_weights):
                 assert p.grad is not None
                 p.grad.add_(p.detach() - w, alpha=proximal_mu)
+            for group in base_optimizer.param_groups:
+                group["lr"] = learning_rate_at(cfg, plan, server_round, step)
             base_optimizer.step()
             for average, p in zip(ema, params):
                 average.lerp_(p.detach(), 1.0 - ema_decay)
