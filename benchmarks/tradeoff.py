@@ -15,6 +15,7 @@ run the standard one: each regime with the recipe that suits it, chosen on a tun
 Usage: python benchmarks/tradeoff.py [--out benchmarks/results/tradeoff.json] [--runs-dir DIR]
        python benchmarks/tradeoff.py --ablations   # EMA, norms/biases, LoRA at epsilon 8 (own JSON)
        python benchmarks/tradeoff.py --ablations --only eps8_lora   # one of them
+       python benchmarks/tradeoff.py --ablations --only eps8,eps8_cosine   # beside the recipe
 Writes the JSON (command, commit, load average, rows, goals) and `tradeoff.png` beside it: the
 base's and every run's samples side by side.
 """
@@ -67,6 +68,8 @@ COLUMNS = ("setting", "epsilon", "noise_multiplier", "val_loss", "frechet_distan
 def sweep_command(runs_dir: Path, extra: list[str], ablations: bool = False, only: list[str] | None = None) -> list[str]:
     chosen = ABLATIONS if ablations else SETTINGS
     if only:
+        if ablations:  # the main DP settings too, to run an option beside the recipe it changes
+            chosen = {**SETTINGS, **ABLATIONS}
         unknown = sorted(set(only) - set(chosen))
         if unknown:
             raise SystemExit(f"--only: unknown setting(s) {unknown}; known: {', '.join(chosen)}")
