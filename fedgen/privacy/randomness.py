@@ -21,8 +21,9 @@ subtracted from an update and the sampled images read off. So both are **secret 
   The sum is then rounded to the gradient's dtype (float32), as in Opacus.
 
 Opacus's own `secure_mode` needs `torchcsprng`, which has no build for current torch (pip finds
-none here), so fedgen generates the noise itself and hands Opacus the rest (clipping, summing,
-scaling, accounting). What this does not protect against: an attacker on the hospital's machine
+none here), so fedgen generates the noise itself (`fedgen.privacy.dp_optimizer` adds it, and
+clips, sums and scales as Opacus's DPOptimizer does; Opacus's accountant counts the steps). What
+this does not protect against: an attacker on the hospital's machine
 (memory, timing side channels of the sampling loop), and a hospital that changes this code.
 
 `ReproducibleRandomness` (`privacy.reproducible_noise=true`) derives both from (seed, hospital,
