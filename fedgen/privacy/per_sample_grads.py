@@ -38,7 +38,8 @@ from torch.func import functional_call, grad, vmap
 from fedgen.diffusion import Diffusion, unet_denoiser
 
 # A rule maps (layer, its input [B*K,...], gradient w.r.t. its output [B*K,...], B) to
-# {parameter name: per-example gradient [B, *param.shape]}, the K rows of an example summed.
+# {parameter name: per-example gradient [B, *param.shape]}, the K rows of an example summed; a
+# group norm's rule also takes the statistics its forward pass saved (mean, rstd), where found.
 # (Callable[..., ...] because each rule takes its own layer type.)
 LayerRule = Callable[..., dict[str, torch.Tensor]]
 
@@ -121,13 +122,13 @@ def _layer_rule_gradients(
     grads: dict[str, torch.Tensor] = {}
     anchor = torch.zeros((), device=x0.device, requires_grad=True)
 
-    def apply_rule(layer: nn.Module, x: torch.Tensor, x_version: int, gy: torch.Tensor) -> None:
+    def apply_rule(layer: nn.Module, x: torch.Tensor, x_version: int, gy: torch.Tensor, saved: dict) -> None:
         if x._version != x_version:
             raise RuntimeError(
                 f"the input of {type(layer).__name__} was modified in place after the layer ran; "
                 "its per-example gradients cannot be computed from it"
             )
-        for pname, g in LAYER_RULES[type(layer)](layer, x, gy, b).items():
+        for pname, g in LAYER_RULES[type(layer)](layer, x, gy, b, **saved).items():
             name = name_of.get(id(getattr(layer, pname)))
             if name is None:  # a frozen parameter of a trainable layer
                 continue
@@ -137,7 +138,8 @@ def _layer_rule_gradients(
         # A layer may run more than once: each call gets its own tap and adds its own share.
         x = (args[0] if args else kwargs["input"]).detach()  # shares the input's version counter
         version = x._version
-        return _Tap.apply(output, anchor, lambda gy: apply_rule(layer, x, version, gy))
+        saved = _saved_group_norm_statistics(output) if type(layer) is nn.GroupNorm else {}
+        return _Tap.apply(output, anchor, lambda gy: apply_rule(layer, x, version, gy, saved))
 
     handles = [layer.register_forward_hook(tap, with_kwargs=True) for layer in layers]
     try:
@@ -215,8 +217,18 @@ def _linear_rule(
     return out
 
 
+def _saved_group_norm_statistics(output: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-(row, group) mean and 1/std [N, G] that the forward pass saved for its own backward
+    (so the rule need not compute them again), or {} where the layer ran some other kernel."""
+    node = output.grad_fn
+    if type(node).__name__ != "NativeGroupNormBackward0":
+        return {}
+    return {"mean": node._saved_result1, "rstd": node._saved_result2}
+
+
 def _group_norm_rule(
-    layer: nn.GroupNorm, x: torch.Tensor, gy: torch.Tensor, b: int
+    layer: nn.GroupNorm, x: torch.Tensor, gy: torch.Tensor, b: int,
+    mean: torch.Tensor | None = None, rstd: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     # y = x_hat * weight + bias per channel, x_hat the input [B*K, C, *] normalised per (row,
     # group). Viewed as one row of B*K*C channels in B*K*G groups, the normalisation is the same,
@@ -227,9 +239,12 @@ def _group_norm_rule(
     groups = n * layer.num_groups
     # The fused kernels want both in the standard layout (channels_last ones come from attention).
     xs = x.reshape(1, n * c, positions).contiguous()
-    _, mean, rstd = torch.ops.aten.native_group_norm(
-        xs, None, None, 1, n * c, positions, groups, layer.eps
-    )
+    if mean is None or rstd is None:
+        _, mean, rstd = torch.ops.aten.native_group_norm(
+            xs, None, None, 1, n * c, positions, groups, layer.eps
+        )
+    else:  # the forward pass's, per (row, group): the same numbers in the same order
+        mean, rstd = mean.reshape(1, groups), rstd.reshape(1, groups)
     ones = x.new_ones(n * c)  # the layer's own weight only scales the input gradient (not asked)
     _, weight, bias = torch.ops.aten.native_group_norm_backward(
         gy.reshape(1, n * c, positions).contiguous(), xs, mean, rstd, ones, 1, n * c, positions,
