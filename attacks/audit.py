@@ -92,9 +92,9 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
     delta = cfg.privacy.delta if cfg.privacy.enabled else 1e-5
     epsilons = accountant_epsilons(run)
     eps_max = max(epsilons.values(), default=math.inf)
+    fresh = f" ({settings.fresh_nonmembers} of them fresh patients)" if settings.fresh_nonmembers else ""
     log(f"attacking {run.root.name}: {int(candidates.is_member.sum())} members, "
-        f"{int((~candidates.is_member).sum())} non-members ({settings.fresh_nonmembers} of them fresh patients) "
-        f"from {len(set(candidates.hospital))} hospitals")
+        f"{int((~candidates.is_member).sum())} non-members{fresh} from {len(set(candidates.hospital))} hospitals")
 
     scores = {name: build_attack(name).score(unet, scheduler, candidates.images, settings.batch_size, progress)
               for name in settings.attacks if name in ATTACKS}
