@@ -14,7 +14,7 @@ from fedgen.privacy.accounting import (
     epsilon_of,
     make_plan,
 )
-from fedgen.privacy.dp_sgd import train_locally
+from fedgen.privacy.dp_sgd import learning_rate_at, train_locally
 
 
 @pytest.fixture()
@@ -103,9 +103,6 @@ def test_plain_mode_learns_through_the_same_loop(setup):
 
 
 def test_cosine_schedule_falls_from_the_rate_to_zero_over_every_planned_round(base_config):
-    from fedgen.privacy.accounting import TrainingPlan
-    from fedgen.privacy.dp_sgd import learning_rate_at
-
     plan = TrainingPlan(num_examples=40, sample_rate=0.25, steps_per_epoch=4, local_epochs=5, num_rounds=3)  # 60 steps
     rate = 1e-3
     cosine = dataclasses.replace(base_config, training=dataclasses.replace(
@@ -120,9 +117,6 @@ def test_cosine_schedule_falls_from_the_rate_to_zero_over_every_planned_round(ba
 
 
 def test_train_locally_steps_at_the_scheduled_rate(setup, monkeypatch):
-    from fedgen.privacy.accounting import TrainingPlan
-    from fedgen.privacy.dp_sgd import learning_rate_at
-
     cfg, unet, diffusion, images = setup
     cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, lr_schedule="cosine", optimizer="adam"))
     plan = TrainingPlan(num_examples=64, sample_rate=0.5, steps_per_epoch=2, local_epochs=2, num_rounds=3)

@@ -72,22 +72,26 @@ class SecretRandomness:
         self._stream.update_into(memoryview(self._zeros)[:nbytes], self._out)
         return self._out
 
-    def gaussian(self, reference: torch.Tensor, std: float) -> torch.Tensor:
-        """N(0, std^2) noise of `reference`'s shape, dtype and device."""
-        n = reference.numel()
+    def _noise(self, n: int, std: float) -> torch.Tensor:
+        """[n] float64 N(0, std^2) values (see the module docstring)."""
         u = self.uniform(4 * n)  # 4n normals from 4n uniforms: Box-Muller turns each pair into two
         radius = torch.log(u[: 2 * n]).mul_(-2.0).sqrt_()
         angle = u[2 * n :].mul_(2.0 * math.pi)
         cos_part = radius * torch.cos(angle)
         sin_part = radius.mul_(torch.sin(angle))
         # Each coordinate sums 4 of the normals: two cosine and two sine ones.
-        noise = (cos_part[:n] + cos_part[n:]).add_(sin_part[:n]).add_(sin_part[n:]).mul_(std / 2.0)
+        return (cos_part[:n] + cos_part[n:]).add_(sin_part[:n]).add_(sin_part[n:]).mul_(std / 2.0)
+
+    def gaussian(self, reference: torch.Tensor, std: float) -> torch.Tensor:
+        """N(0, std^2) noise of `reference`'s shape, dtype and device."""
+        noise = self._noise(reference.numel(), std)
         return noise.view_as(reference).to(device=reference.device, dtype=reference.dtype)
 
     def gaussian_flat(self, references: list[torch.Tensor], std: float) -> torch.Tensor:
-        """N(0, std^2) noise for all of `references`' coordinates, flat, in one draw."""
-        total = sum(r.numel() for r in references)
-        return self.gaussian(references[0].new_empty(total), std)
+        """N(0, std^2) noise for all of `references`' coordinates, flat, in one draw (dtype and
+        device of the first)."""
+        noise = self._noise(sum(r.numel() for r in references), std)
+        return noise.to(device=references[0].device, dtype=references[0].dtype)
 
     def draws_generator(self) -> torch.Generator:
         """The diffusion loss's (timestep, noise) draws, seeded from the keystream (63 bits)."""
