@@ -18,6 +18,8 @@ average before and after, and for each run:
   waiting for every hospital, aggregation, the SuperNode's poll), its task, and the tail (the
   last evaluate reply -> round end: upload, the coordinator's poll, checkpoint and samples).
 
+`--repeats N` runs that sequence N times and adds, per deployment and round, the median of the N
+deploy/simulate ratios (`median_ratio`; `repeats` holds every run, `runs` the first).
 `--before DIR` also runs `fedgen deploy demo` from an earlier source tree (e.g. the last commit:
 `git archive HEAD | tar -x -C DIR`, and `git rev-parse HEAD > DIR/COMMIT`), put first on
 PYTHONPATH, as the "before" of a change.
@@ -34,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,12 +109,51 @@ def phases(run: dict, logs: Path, nodes: int) -> list[dict]:
     return rounds
 
 
+def one_repeat(stamp: str, runs_dir: Path, overrides: list[str], deploys: list, nodes: int) -> dict:
+    """`fedgen simulate`, then each deployment, one after the other: {label: timed run}."""
+    runs, names = {}, []
+    try:
+        name = f"sim-{stamp}"
+        names.append(name)
+        sim = timed([FEDGEN, "simulate", f"runs_dir={runs_dir}", f"name={name}", *overrides], runs_dir / name)
+        runs["simulate"] = sim
+        print(f"simulate: rounds {', '.join(f'{s:.1f}' for s in sim['round_seconds'])} s", flush=True)
+        for label, flags, env in deploys:
+            name = f"deploy-{label}-{stamp}"
+            names.append(name)
+            workdir = Path(tempfile.mkdtemp(prefix="fedgen-deploy-bench-"))
+            try:
+                run = timed([FEDGEN, "deploy", "demo", "--nodes", str(nodes), *flags, "--workdir", str(workdir),
+                             f"runs_dir={runs_dir}", f"name={name}", *overrides], runs_dir / name, env)
+                if label == "process":
+                    run["phases"] = phases(run, workdir / "logs", nodes)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            run["ratio"] = [d / s for d, s in zip(run["round_seconds"], sim["round_seconds"])]
+            runs[f"deploy_{label}"] = run
+            print(f"deploy ({label}): rounds {', '.join(f'{s:.1f}' for s in run['round_seconds'])} s, "
+                  f"deploy/simulate {', '.join(f'{r:.2f}x' for r in run['ratio'])}", flush=True)
+            for record in run.get("phases", []):
+                keys = ("train_delivered", "train_task", "evaluate_delivered", "evaluate_task", "tail")
+                rows = record["hospitals"]
+                means = {k: sum(r.get(k, 0.0) for r in rows) / max(1, len(rows)) for k in keys}
+                print(f"  round {record['round']} (mean of {len(rows)} hospitals): "
+                      + ", ".join(f"{k} {v:.2f} s" for k, v in means.items()), flush=True)
+    finally:
+        for name in names:
+            shutil.rmtree(runs_dir / name, ignore_errors=True)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/deploy_overhead.json")
     parser.add_argument("--isolation", nargs="+", default=["process"], choices=["process", "subprocess"])
     parser.add_argument("--before", help="an earlier fedgen source tree: its `fedgen deploy demo` runs too")
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run simulate and each deployment this many times, alternating: round "
+                             "times move by a third between runs on 2 cores, so compare medians")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-deploy"),
                         help="where the runs go (the pretrained base is cached here)")
     parser.add_argument("overrides", nargs="*", help=f"Hydra overrides (default: {' '.join(OVERRIDES)})")
@@ -128,43 +170,26 @@ def main() -> None:
         "load_average_before": os.getloadavg(),
         "runs": {},
     }
-    names = []
-    try:
-        name = f"sim-{stamp}"
-        names.append(name)
-        sim = timed([FEDGEN, "simulate", f"runs_dir={runs_dir}", f"name={name}", *overrides], runs_dir / name)
-        results["runs"]["simulate"] = sim
-        print(f"simulate: rounds {', '.join(f'{s:.1f}' for s in sim['round_seconds'])} s", flush=True)
-        deploys = [(isolation, ["--isolation", isolation], None) for isolation in args.isolation]
-        if args.before:
-            before = Path(args.before).resolve()
-            results["before"] = {"tree": str(before), "commit": (before / "COMMIT").read_text().strip()
-                                 if (before / "COMMIT").exists() else None}
-            deploys.append(("before", [], {**os.environ, "PYTHONPATH": str(before)}))
-        for label, flags, env in deploys:
-            name = f"deploy-{label}-{stamp}"
-            names.append(name)
-            workdir = Path(tempfile.mkdtemp(prefix="fedgen-deploy-bench-"))
-            try:
-                run = timed([FEDGEN, "deploy", "demo", "--nodes", str(args.nodes), *flags, "--workdir", str(workdir),
-                             f"runs_dir={runs_dir}", f"name={name}", *overrides], runs_dir / name, env)
-                if label == "process":
-                    run["phases"] = phases(run, workdir / "logs", args.nodes)
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
-            run["ratio"] = [d / s for d, s in zip(run["round_seconds"], sim["round_seconds"])]
-            results["runs"][f"deploy_{label}"] = run
-            print(f"deploy ({label}): rounds {', '.join(f'{s:.1f}' for s in run['round_seconds'])} s, "
-                  f"deploy/simulate {', '.join(f'{r:.2f}x' for r in run['ratio'])}", flush=True)
-            for record in run.get("phases", []):
-                keys = ("train_delivered", "train_task", "evaluate_delivered", "evaluate_task", "tail")
-                rows = record["hospitals"]
-                means = {k: sum(r.get(k, 0.0) for r in rows) / max(1, len(rows)) for k in keys}
-                print(f"  round {record['round']} (mean of {len(rows)} hospitals): "
-                      + ", ".join(f"{k} {v:.2f} s" for k, v in means.items()), flush=True)
-    finally:
-        for name in names:
-            shutil.rmtree(runs_dir / name, ignore_errors=True)
+    deploys = [(isolation, ["--isolation", isolation], None) for isolation in args.isolation]
+    if args.before:
+        before = Path(args.before).resolve()
+        results["before"] = {"tree": str(before), "commit": (before / "COMMIT").read_text().strip()
+                             if (before / "COMMIT").exists() else None}
+        deploys.append(("before", [], {**os.environ, "PYTHONPATH": str(before)}))
+    results["repeats"] = []
+    for repeat in range(args.repeats):
+        if args.repeats > 1:
+            print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
+        results["repeats"].append(one_repeat(f"{stamp}-{repeat}", runs_dir, overrides, deploys, args.nodes))
+    results["runs"] = results["repeats"][0]  # (where earlier results kept their one repeat)
+    results["median_ratio"] = {
+        label: [statistics.median(r[label]["ratio"][i] for r in results["repeats"])
+                for i in range(len(results["runs"][label]["ratio"]))]
+        for label in results["runs"] if label != "simulate"}
+    if args.repeats > 1:
+        for label, ratios in results["median_ratio"].items():
+            print(f"{label}: median deploy/simulate over {args.repeats} repeats "
+                  f"{', '.join(f'{r:.2f}x' for r in ratios)}", flush=True)
     results["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ Usage: python benchmarks/tradeoff.py [--out benchmarks/results/tradeoff.json] [-
        python benchmarks/tradeoff.py --ablations   # EMA, norms/biases, LoRA at epsilon 8 (own JSON)
        python benchmarks/tradeoff.py --ablations --only eps8_lora   # one of them
        python benchmarks/tradeoff.py --ablations --only eps8,eps8_cosine   # beside the recipe
+       python benchmarks/tradeoff.py --ablations --only eps8,eps8_cosine --repeats 3   # mean and sd
 Writes the JSON (command, commit, load average, rows, goals) and `tradeoff.png` beside it: the
 base's and every run's samples side by side.
 """
@@ -26,6 +27,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +68,8 @@ COLUMNS = ("setting", "epsilon", "noise_multiplier", "val_loss", "frechet_distan
            "best_attack", "attack_auc", "tpr_at_1pct_fpr", "epsilon_lb", "extraction_flagged", "extraction_samples")
 
 
-def sweep_command(runs_dir: Path, extra: list[str], ablations: bool = False, only: list[str] | None = None) -> list[str]:
+def sweep_command(runs_dir: Path, extra: list[str], ablations: bool = False, only: list[str] | None = None,
+                  repeats: int = 1) -> list[str]:
     chosen = ABLATIONS if ablations else SETTINGS
     if only:
         if ablations:  # the main DP settings too, to run an option beside the recipe it changes
@@ -74,6 +78,10 @@ def sweep_command(runs_dir: Path, extra: list[str], ablations: bool = False, onl
         if unknown:
             raise SystemExit(f"--only: unknown setting(s) {unknown}; known: {', '.join(chosen)}")
         chosen = {name: chosen[name] for name in only}
+    # A DP run's FD moves from run to run (its noise is secret): `--repeats` trains each setting
+    # again under another name (eps8_r2, ...), fresh noise each time.
+    chosen = {f"{name}_r{k}" if k > 1 else name: overrides for name, overrides in chosen.items()
+              for k in range(1, repeats + 1)}
     settings = [f"+sweep.settings.{name}=[{','.join(repr(o) for o in overrides)}]"
                 for name, overrides in chosen.items()]
     privacy = "[]" if ablations else "[none]"
@@ -87,6 +95,25 @@ def base_row(none_utility: dict) -> dict:
             "frechet_distance": none_utility.get("frechet_distance_untrained"),
             "precision": none_utility.get("precision_untrained"), "recall": none_utility.get("recall_untrained"),
             "best_attack": None, "attack_auc": None, "note": "never saw a hospital's image"}
+
+
+def repeat_summary(rows: dict) -> dict:
+    """Per setting run more than once (name, name_r2, ...): mean, sample sd, min and max of each
+    utility and leakage figure over its repeats."""
+    groups: dict[str, list[dict]] = {}
+    for name, row in rows.items():
+        groups.setdefault(re.sub(r"_r\d+$", "", name), []).append(row)
+    summary = {}
+    for name, group in groups.items():
+        if len(group) < 2:
+            continue
+        summary[name] = {"runs": len(group)}
+        for key in ("frechet_distance", "precision", "recall", "val_loss", "attack_auc"):
+            values = [r[key] for r in group if isinstance(r.get(key), int | float)]
+            if values:
+                summary[name][key] = {"mean": statistics.mean(values), "values": values,
+                                      "sd": statistics.stdev(values) if len(values) > 1 else None}
+    return summary
 
 
 def goals(rows: dict) -> dict:
@@ -131,6 +158,8 @@ def main() -> None:
     parser.add_argument("--ablations", action="store_true",
                         help="only the epsilon-8 variants: EMA, norms and biases only, LoRA")
     parser.add_argument("--only", default="", help="comma-separated settings to run (e.g. eps8_lora); own JSON")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train each DP setting this many times (fresh secret noise) and report mean and sd")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
     only = [name for name in args.only.split(",") if name]
@@ -138,7 +167,7 @@ def main() -> None:
         suffix = "_".join(only) if only else "ablations" if args.ablations else ""
         args.out = f"benchmarks/results/tradeoff{'_' + suffix if suffix else ''}.json"
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="fedgen-tradeoff-")).resolve()
-    command = sweep_command(runs_dir, args.overrides, args.ablations, only)
+    command = sweep_command(runs_dir, args.overrides, args.ablations, only, args.repeats)
     print(" ".join(command), flush=True)
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -166,11 +195,15 @@ def main() -> None:
         "dp_recipe": DP_RECIPE, "sweep_dir": str(sweep_dir), "rows": rows,
         "goals": None if args.ablations or only else goals(rows),  # the goals need the no-DP and eps8 rows
         "samples_picture": str(picture),
+        "repeats": repeat_summary(rows),
     }
     out.write_text(json.dumps(result, indent=1))
     for name, r in rows.items():
         print(name.ljust(5), "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in r.items() if k not in ("setting",)))
+    for name, figures in result["repeats"].items():
+        print(f"{name} over {figures['runs']} runs:", "  ".join(
+            f"{k} {v['mean']:.3g} +- {v['sd']:.2g}" for k, v in figures.items() if isinstance(v, dict) and v["sd"] is not None))
     if result["goals"] is not None:
         print("goals:", json.dumps(result["goals"]))
     print(f"wall time {wall / 60:.1f} min; report {sweep_dir / 'report.md'}; wrote {out} and {picture}")

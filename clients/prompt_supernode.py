@@ -7,7 +7,9 @@ is found 1.5 s late on average: on quiet cores that made a deployed round 2.9x i
 (`benchmarks/deploy_overhead.py`). This runs Flower's own `flower_supernode()` with those sleeps
 capped at `POLL_SECONDS`, nothing else changed (the same idea as `server/grid.py` on the
 coordinator's side). A poll is one small authenticated request; 5 a second is nothing to a
-SuperLink. Should Flower's module stop matching, the SuperNode runs unpatched, with a warning.
+SuperLink. A message found while its objects are still being uploaded has them asked for again
+after `server.grid.FIRST_RETRY` s, not Flower's 1 s (`server.grid.prompt_object_pulls`). Should
+Flower's module stop matching, the SuperNode runs unpatched, with a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 import time
 import types
 import warnings
+
+from server.grid import prompt_object_pulls
 
 POLL_SECONDS = 0.2
 
@@ -33,7 +37,7 @@ def shorten_polls() -> bool:
         return False
     clock = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
     loop.time = types.SimpleNamespace(**{**clock, "sleep": _capped_sleep})  # type: ignore[assignment]
-    return True
+    return prompt_object_pulls(loop)
 
 
 def main() -> None:

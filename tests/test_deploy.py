@@ -26,7 +26,7 @@ from fedgen.running.deploy import (
     superlink_command,
     supernode_command,
 )
-from server.grid import PromptGrid
+from server.grid import FIRST_RETRY, PromptGrid, prompt_object_pulls
 
 TINY = ["data.num_patients=48", "data.image_size=16", "federation.num_hospitals=3", "name=pilot"]
 
@@ -192,10 +192,51 @@ def test_the_supernode_polls_flower_loop_with_capped_sleeps(monkeypatch):
 
     assert supernode_command("h:1", None, None, "k=1", 9094)[1:3] == ["-m", "clients.prompt_supernode"]
     monkeypatch.setattr(loop, "time", time)  # restored after the test
-    assert prompt_supernode.shorten_polls()
+    monkeypatch.setattr(loop, "pull_objects", loop.pull_objects)
+    assert prompt_supernode.shorten_polls()  # (its object pulls: the test below)
     started = time.perf_counter()
     loop.time.sleep(3)
     assert time.perf_counter() - started < 1.0 and loop.time.monotonic() > 0
     monkeypatch.setattr(loop, "time", object())  # a Flower whose loop no longer matches: left alone
     with pytest.warns(UserWarning, match="Flower's pace"):
         assert not prompt_supernode.shorten_polls()
+
+
+def _seconds_to_pull_a_late_object(pull_objects) -> float:
+    """Seconds `pull_objects` takes over an object that is still being uploaded at the first ask."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    asks = []
+
+    def pull_object(object_id: str) -> bytes:
+        asks.append(object_id)
+        if len(asks) == 1:
+            raise ObjectUnavailableError(object_id)
+        return b"weights"
+
+    started = time.perf_counter()
+    assert pull_objects(["w"], pull_object_fn=pull_object) == {"w": b"weights"} and asks == ["w", "w"]
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("flower_module", ["flwr.superlink.grid.http_grid", "flwr.supernode.start_client_internal"])
+def test_a_half_uploaded_message_is_pulled_again_promptly(monkeypatch, flower_module):
+    """A reply found before its weights are uploaded is asked for again after FIRST_RETRY s, on
+    the coordinator's side and the SuperNode's; Flower's own retry waits 1 s."""
+    import importlib
+
+    from flwr.supercore.inflatable.inflatable_utils import pull_objects
+
+    module = importlib.import_module(flower_module)
+    monkeypatch.setattr(module, "pull_objects", pull_objects)  # Flower's own; restored after the test
+    assert _seconds_to_pull_a_late_object(module.pull_objects) >= 0.75  # Flower's: 1 s +- 20%
+    if flower_module.endswith("http_grid"):  # the ServerApp's PromptGrid patches its deployment Grid
+        PromptGrid(module.HttpGrid("127.0.0.1:1", insecure=True, token="t"))
+    else:
+        assert prompt_object_pulls(module)
+    assert prompt_object_pulls(module)  # again: patched once
+    assert module.pull_objects.keywords == {"initial_backoff": FIRST_RETRY}
+    assert _seconds_to_pull_a_late_object(module.pull_objects) < 0.5
+    monkeypatch.setattr(module, "pull_objects", lambda *a, **k: {})  # a Flower that no longer matches
+    with pytest.warns(UserWarning, match="Flower's pace"):
+        assert not prompt_object_pulls(module)
