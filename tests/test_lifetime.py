@@ -203,6 +203,29 @@ def test_lifetime_units_delta_reservations_and_runs_without_dp():
     assert math.isinf(lifetime_spend([entry("example", h), entry("example", [], dp=False)]).epsilon)
 
 
+def test_a_long_lifetime_ledger_costs_one_rdp_curve_per_noise_setting(monkeypatch):
+    """A site's ledger grows by a run each time; its lifetime epsilon (three times a round) must
+    not recompute Opacus's slow fractional-order RDP for every run: one curve per (sigma, q),
+    and the same epsilon as Opacus's own RDP accountant, to the last bit."""
+    from opacus.accountants import RDPAccountant
+
+    import fedgen.group_privacy as gp
+
+    calls = []
+    original = gp.compute_rdp
+    monkeypatch.setattr(gp, "compute_rdp", lambda **kw: calls.append(kw) or original(**kw))
+    gp._one_step_rdp.cache_clear()
+    sigma, q = 1.37, 0.4923  # the demo's: q < 1 takes the slow fractional orders
+    runs = [entry("example", [(sigma, q, 6), (sigma, q, 6 + i)], 1e-5) for i in range(12)]
+    spend = lifetime_spend(runs)
+    assert len(calls) == 1  # 24 (sigma, q, steps) entries, one curve
+    reference = RDPAccountant()
+    reference.history = [h for run in runs for h in spent_history(run)]
+    assert spend.epsilon == reference.get_epsilon(delta=1e-5)
+    lifetime_spend([*runs, entry("example", [(sigma, q, 7)], 1e-5)])  # a new run: its steps only
+    assert len(calls) == 1
+
+
 @pytest.mark.slow
 def test_patient_level_dp_end_to_end_and_its_lifetime(tmp_path):
     """A real simulation with privacy.unit=patient and two images per patient: its card says

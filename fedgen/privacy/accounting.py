@@ -28,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants import IAccountant, RDPAccountant, create_accountant
+from opacus.accountants.analysis.rdp import get_privacy_spent as rdp_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedgen.config import ConfigError, PrivacyConfig
+from fedgen.group_privacy import composed_rdp
 from fedgen.privacy.randomness import NO_GUARANTEE
 
 LEDGER_VERSION = 2  # 2: each file carries the sha256 of its content
@@ -127,6 +129,9 @@ def epsilon_of(history: list[tuple[float, float, int]], accountant: str, delta: 
 
 @lru_cache(maxsize=4096)
 def _epsilon_of(history: tuple[tuple[float, float, int], ...], accountant: str, delta: float) -> float:
+    if accountant == "rdp":  # Opacus's RDPAccountant.get_epsilon, each (sigma, q) computed once
+        orders = RDPAccountant.DEFAULT_ALPHAS
+        return float(rdp_privacy_spent(orders=orders, rdp=composed_rdp(list(history), orders), delta=delta)[0])
     acc = create_accountant(accountant)
     acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
