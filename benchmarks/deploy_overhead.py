@@ -168,7 +168,6 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "overrides": overrides,
         "load_average_before": os.getloadavg(),
-        "runs": {},
     }
     deploys = [(isolation, ["--isolation", isolation], None) for isolation in args.isolation]
     if args.before:

@@ -98,8 +98,8 @@ def base_row(none_utility: dict) -> dict:
 
 
 def repeat_summary(rows: dict) -> dict:
-    """Per setting run more than once (name, name_r2, ...): mean, sample sd, min and max of each
-    utility and leakage figure over its repeats."""
+    """Per setting run more than once (name, name_r2, ...): the values of each utility and
+    leakage figure over its repeats, their mean and sample sd."""
     groups: dict[str, list[dict]] = {}
     for name, row in rows.items():
         groups.setdefault(re.sub(r"_r\d+$", "", name), []).append(row)

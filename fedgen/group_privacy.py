@@ -37,7 +37,8 @@ def _one_step_rdp(sigma: float, q: float, orders: tuple[float, ...]) -> np.ndarr
 def composed_rdp(history: list[tuple[float, float, int]], orders: list[float]) -> np.ndarray:
     """RDP at `orders` of the composition [(sigma, q, steps), ...]: bit for bit Opacus's
     `sum(compute_rdp(q, sigma, steps, orders) ...)`, which is the one-step curve times steps."""
-    return sum([_one_step_rdp(float(sigma), float(q), tuple(orders)) * steps for sigma, q, steps in history])
+    key = tuple(orders)
+    return sum([_one_step_rdp(float(sigma), float(q), key) * steps for sigma, q, steps in history])
 
 
 def group_epsilon(history: list[tuple[float, float, int]], group_size: int, delta: float) -> float:

@@ -37,10 +37,11 @@ def prompt_object_pulls(module) -> bool:
     from flwr.supercore.inflatable import inflatable_utils
 
     pull_objects = getattr(module, "pull_objects", None)
+    if isinstance(pull_objects, functools.partial):  # patched already
+        return True
     if pull_objects is not inflatable_utils.pull_objects:
-        if not isinstance(pull_objects, functools.partial):  # patched already: leave it
-            warnings.warn(f"{module.__name__} changed: its objects are retried at Flower's pace", stacklevel=2)
-        return isinstance(pull_objects, functools.partial)
+        warnings.warn(f"{module.__name__} changed: its objects are retried at Flower's pace", stacklevel=2)
+        return False
     module.pull_objects = functools.partial(pull_objects, initial_backoff=FIRST_RETRY)
     return True
 
