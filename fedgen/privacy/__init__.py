@@ -6,6 +6,8 @@ training, DP-SGD or plain), and the white-box audit of that DP-SGD: `gradient_ca
 gradient rows injected into a step) and `dp_audit` (one audited run, a lower bound on epsilon).
 `hospital_level` is the coordinator's own mechanism (DP-FedAvg: Poisson sampling of hospitals,
 clipped updates, noise on the sum) with its ledger, a second guarantee beside the hospitals'.
+`private_selection` adapts the public base by the hospitals' noisy votes over its samples instead
+of DP-SGD (one Gaussian release per hospital; benchmarked, not yet a command).
 
 May import the layers below it: `fedgen.seeding`, `fedgen.config`, `fedgen.model`,
 `fedgen.diffusion`, `fedgen.run_dir` and `fedgen.data`. It knows nothing of tracking, the
