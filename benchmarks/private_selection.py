@@ -137,6 +137,8 @@ def main() -> None:
     def draw(n: int, batch: int) -> torch.Tensor:
         if batch not in draws:
             draws[batch] = base_samples(n, DRAW_SEED + batch)
+            if (batch + 1) % 16 == 0:  # drawing is most of the benchmark's time: show it
+                print(f"  the rejection sampler has drawn {(batch + 1) * n} base samples", flush=True)
         return draws[batch]
 
     def measure(name: str, released: torch.Tensor, extra: dict) -> dict:
@@ -157,6 +159,8 @@ def main() -> None:
         sigma = 0.0 if epsilon == float("inf") else selection_noise_multiplier(epsilon, DELTA)
         k = cluster_count(sum(votes), sigma, len(silos), args.pool)
         cells = PublicCells(pool, k)
+        print(f"{name}: sigma {sigma:.3g}, {k} cells; the hospitals vote, {DISTIL_SAMPLES} samples are selected",
+              flush=True)
         for repeat in range(1 if sigma == 0 else args.repeats):
             counts = [cells.votes(s.members.images) for s in silos]
             released = counts if sigma == 0 else [noisy_votes(c, sigma, SecretRandomness()) for c in counts]
