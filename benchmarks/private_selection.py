@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,9 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
+from tradeoff import SUMMARISED, repeat_summary  # beside this script
 
 from attacks.membership import run_attacks
-from fedgen.base_model import base_path, initial_unet
+from fedgen.base_model import initial_unet
 from fedgen.config import load_config
 from fedgen.data.dataset import ImageSet
 from fedgen.data.images import save_grid
@@ -63,6 +63,7 @@ from fedgen.privacy.private_selection import (
     selection_noise_multiplier,
 )
 from fedgen.privacy.randomness import SecretRandomness
+from fedgen.running.pretrain import ensure_base
 
 PRESET = ["experiment=tradeoff"]
 DELTA = 1e-5
@@ -114,10 +115,7 @@ def main() -> None:
     load_before, started = os.getloadavg(), time.perf_counter()
     base_cfg = load_config([*PRESET, f"runs_dir={runs}"])  # the base: the same for every data seed
     cfg = load_config([*PRESET, f"data.seed={args.data_seed}", f"seed={args.data_seed}", f"runs_dir={runs}"])
-    pipeline = base_path(base_cfg, runs)
-    if pipeline is not None and not pipeline.exists():  # trained once, cached by its config's fingerprint
-        subprocess.run([str(Path(sys.executable).parent / "fedgen"), "pretrain", *PRESET, f"runs_dir={runs}"],
-                       check=True)
+    ensure_base(base_cfg, runs)  # trained once, cached by its config's fingerprint
     base, scheduler = initial_unet(base_cfg, runs), build_scheduler(base_cfg.model)
     sampling, size = (cfg.federation.sampling_method, cfg.federation.sampling_steps), cfg.data.image_size
 
@@ -161,14 +159,14 @@ def main() -> None:
         cells = PublicCells(pool, k)
         print(f"{name}: sigma {sigma:.3g}, {k} cells; the hospitals vote, {DISTIL_SAMPLES} samples are selected",
               flush=True)
+        counts = [cells.votes(s.members.images) for s in silos]
+        spent = float("inf") if sigma == 0 else selection_epsilon(sigma, DELTA)
         for repeat in range(1 if sigma == 0 else args.repeats):
-            counts = [cells.votes(s.members.images) for s in silos]
             released = counts if sigma == 0 else [noisy_votes(c, sigma, SecretRandomness()) for c in counts]
             weights = cell_weights(released)
             selected, drawn = sample_selected(draw, cells, weights, DISTIL_SAMPLES, torch.Generator().manual_seed(repeat))
             samples = selected[:NUM_SAMPLES]
             grids.setdefault(name, samples)
-            spent = float("inf") if sigma == 0 else selection_epsilon(sigma, DELTA)
             rows.append(measure(f"{name}_r{repeat + 1}", samples, {
                 "epsilon": spent, "sigma": sigma, "k": k, "acceptance": DISTIL_SAMPLES / drawn,
                 "cells_weighted": int((weights > 0).sum())}))
@@ -183,13 +181,7 @@ def main() -> None:
     copies = training.images[torch.randint(len(training.images), (NUM_SAMPLES,), generator=torch.Generator().manual_seed(0))]
     rows.append(measure("copies", copies, {"epsilon": float("inf"), "k": None}))  # the attack's ceiling
 
-    summary = {}
-    for name in ("eps8", "eps1", "eps8_distilled", "eps1_distilled"):
-        runs_of = [r for r in rows if r["setting"].startswith(name + "_r")]
-        keys = ("frechet_distance", "precision", "recall", "dcr_auc") + (("attack_auc",) if "distilled" in name else ())
-        summary[name] = {key: {"values": [r[key] for r in runs_of], "mean": statistics.fmean(r[key] for r in runs_of),
-                               "sd": statistics.stdev([r[key] for r in runs_of]) if len(runs_of) > 1 else 0.0}
-                         for key in keys}
+    summary = repeat_summary({r["setting"]: r for r in rows}, (*SUMMARISED, "dcr_auc"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shown = ("base", "no_dp", "eps8", "eps1", "eps8_distilled", "eps1_distilled")

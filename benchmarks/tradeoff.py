@@ -97,9 +97,12 @@ def base_row(none_utility: dict) -> dict:
             "best_attack": None, "attack_auc": None, "note": "never saw a hospital's image"}
 
 
-def repeat_summary(rows: dict) -> dict:
-    """Per setting run more than once (name, name_r2, ...): the values of each utility and
-    leakage figure over its repeats, their mean and sample sd."""
+SUMMARISED = ("frechet_distance", "precision", "recall", "val_loss", "attack_auc")
+
+
+def repeat_summary(rows: dict, keys: tuple[str, ...] = SUMMARISED) -> dict:
+    """Per setting run more than once (name, name_r2, ...): the values of each of `keys` (utility
+    and leakage figures) over its repeats, their mean and sample sd."""
     groups: dict[str, list[dict]] = {}
     for name, row in rows.items():
         groups.setdefault(re.sub(r"_r\d+$", "", name), []).append(row)
@@ -108,7 +111,7 @@ def repeat_summary(rows: dict) -> dict:
         if len(group) < 2:
             continue
         summary[name] = {"runs": len(group)}
-        for key in ("frechet_distance", "precision", "recall", "val_loss", "attack_auc"):
+        for key in keys:
             values = [r[key] for r in group if isinstance(r.get(key), int | float)]
             if values:
                 summary[name][key] = {"mean": statistics.mean(values), "values": values,

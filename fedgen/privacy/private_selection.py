@@ -116,16 +116,17 @@ def sample_selected(
 ) -> tuple[torch.Tensor, int]:
     """Rejection sampling: `draw(n, batch_index)` gives n fresh base samples; each is kept with
     probability weights[its cell]. Returns (num_samples images, how many were drawn)."""
-    kept, drawn, batch = [], 0, 0
-    while sum(len(k) for k in kept) < num_samples:
+    kept, count, drawn, batch = [], 0, 0, 0
+    while count < num_samples:
         if drawn >= max_draws:
-            raise RuntimeError(f"{drawn} base samples gave {sum(len(k) for k in kept)} of {num_samples}: "
+            raise RuntimeError(f"{drawn} base samples gave {count} of {num_samples}: "
                                "the weighted cells are ones the base rarely draws")
         images = draw(batch_size, batch)
         if len(images) == 0:
             raise RuntimeError(f"the base drew no images for batch {batch}")
         accept = torch.rand(len(images), generator=generator) < weights[cells.cell_of(images)].float()
         kept.append(images[accept])
+        count += int(accept.sum())
         drawn += len(images)
         batch += 1
     return torch.cat(kept)[:num_samples], drawn
