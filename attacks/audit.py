@@ -83,6 +83,8 @@ def audit_run(run_dir: str | Path, settings: AuditSettings = AuditSettings(), pr
         raise DataError(f"{run.root}: no such run directory")
     if not run.config.exists():
         raise DataError(f"{run.root}: not a fedgen run directory (no config.yaml)")
+    if run.selection.exists():
+        raise DataError(f"{run.root}: a private selection run (`fedgen select`): its hospitals trained no weights (the release is the public base, reweighted); its samples' leakage (DCR) is in report.md")
     if not (run.pipeline / "model_index.json").exists():
         raise DataError(f"{run.pipeline}: no released model; has the run finished training?")
     check_attacks(settings.attacks, "attacks")

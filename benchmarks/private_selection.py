@@ -37,11 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
 from tradeoff import SUMMARISED, repeat_summary  # beside this script
 
+from attacks.dcr import dcr_attack
 from attacks.membership import run_attacks
 from fedgen.base_model import initial_unet
 from fedgen.config import load_config
@@ -90,16 +89,6 @@ def distil(base: torch.nn.Module, scheduler, images: torch.Tensor, seed: int) ->
             diffusion.per_example_loss(denoiser, x0, t, eps).mean().backward()
             optimizer.step()
     return unet.eval()
-
-
-def dcr_attack(released: torch.Tensor, members: torch.Tensor, heldout: torch.Tensor) -> dict:
-    """Distance to the closest released sample as a membership score (nearer: member)."""
-    flat = released.reshape(len(released), -1)
-    scores = [-torch.cdist(x.reshape(len(x), -1), flat).min(dim=1).values for x in (members, heldout)]
-    labels = np.r_[np.ones(len(members)), np.zeros(len(heldout))]
-    score = torch.cat(scores).numpy()
-    fpr, tpr, _ = roc_curve(labels, score)
-    return {"dcr_auc": float(roc_auc_score(labels, score)), "dcr_tpr_at_1pct_fpr": float(np.interp(0.01, fpr, tpr))}
 
 
 def main() -> None:
@@ -156,7 +145,7 @@ def main() -> None:
     for name, epsilon in settings:
         sigma = 0.0 if epsilon == float("inf") else selection_noise_multiplier(epsilon, DELTA)
         k = cluster_count(sum(votes), sigma, len(silos), args.pool)
-        cells = PublicCells(pool, k)
+        cells = PublicCells.fit(pool, k)
         print(f"{name}: sigma {sigma:.3g}, {k} cells; the hospitals vote, {DISTIL_SAMPLES} samples are selected",
               flush=True)
         counts = [cells.votes(s.members.images) for s in silos]

@@ -22,6 +22,7 @@ from fedgen.federation.flat_state import FLAT_KEY, pack, unpack
 from fedgen.federation.hospital import Hospital, silos_for
 from fedgen.federation.secure_aggregation import KEYS, masking_problem, update_delta
 from fedgen.federation.site import check_site_privacy, site_budget, site_home, site_silo
+from fedgen.privacy.private_selection import PublicCells
 from fedgen.run_dir import RunDir
 
 app = ClientApp()
@@ -142,3 +143,14 @@ def account(msg: Message, context: Context) -> Message:
     hospital = hospital_for(context)
     mine = hospital.account(recorded_account(msg.content.config_records["config"], hospital))
     return Message(content=RecordDict({"metrics": MetricRecord(mine)}), reply_to=msg)
+
+
+@app.query("select")
+def select(msg: Message, context: Context) -> Message:
+    """Private selection (`fedgen select`): this hospital's noisy votes over the coordinator's
+    public cells. The noise is set by the hospital's own config, not by the message."""
+    hospital = hospital_for(context)
+    arrays = msg.content.array_records["cells"].to_torch_state_dict()
+    counts, metrics = hospital.vote(PublicCells(arrays["pool"].float(), arrays["labels"]))
+    return Message(content=RecordDict({"votes": ArrayRecord({"counts": counts}), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)

@@ -11,6 +11,7 @@ EPILOG = """examples:
   fedgen simulate privacy=eps1 federation.num_hospitals=5 name=eps1-5h
   fedgen simulate privacy=none federation.num_rounds=10 name=nodp
   fedgen pretrain                                   # the public base the demo fine-tunes (cached)
+  fedgen select experiment=tradeoff                 # private selection: reweight the base, train nothing
   fedgen attack runs/default                        # how much does the released model leak?
   fedgen audit-dp runs/default                      # does fedgen's DP-SGD privatise as claimed?
   fedgen simulate experiment=invert_easy            # the coordinator keeps every update ...
@@ -30,6 +31,16 @@ def _simulate(args: argparse.Namespace) -> int:
 
     check_writable(load_config(args.overrides).runs_dir, "runs_dir")
     simulate(args.overrides, argv=["fedgen", "simulate", *args.overrides])
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    from fedgen.config import load_config
+    from fedgen.running.preflight import check_writable
+    from fedgen.running.select import select
+
+    check_writable(load_config(args.overrides).runs_dir, "runs_dir")
+    select(args.overrides, argv=["fedgen", "select", *args.overrides])
     return 0
 
 
@@ -126,6 +137,10 @@ def _report(args: argparse.Namespace) -> int:
         from fedgen.running.sweep import refresh
 
         path = refresh(folder)
+    elif (folder / "selection.json").exists():  # `fedgen select`'s run
+        from fedgen.evaluation.selection_report import write_selection_report
+
+        path = write_selection_report(folder)
     elif (folder / "config.yaml").exists():
         from fedgen.evaluation.report import write_run_report
 
@@ -194,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="Hydra overrides, e.g. privacy=eps1 federation.num_rounds=3"
     )
     sim.set_defaults(run=_simulate)
+    sel = commands.add_parser(
+        "select", help="private selection: the hospitals' noisy votes reweight the public base's samples (one Flower round)"
+    )
+    sel.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=tradeoff privacy=eps1")
+    sel.set_defaults(run=_select)
     pre = commands.add_parser(
         "pretrain", help="train the public base model (model.init=pretrained) once; cached by its config"
     )

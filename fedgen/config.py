@@ -242,6 +242,11 @@ def validate(cfg: ExperimentConfig) -> None:
                                                     f.secure_aggregation, p.accountant):
         raise ConfigError(f"{setting}: {problem}")
     _require(cfg.audit.canaries >= 0, "audit.canaries", f"must be >= 0, got {cfg.audit.canaries}")
+    sel = cfg.selection
+    _require(sel.pool_size >= 2, "selection.pool_size", f"must be >= 2, got {sel.pool_size}")
+    _require(sel.cells == 0 or 2 <= sel.cells <= sel.pool_size, "selection.cells",
+             f"must be 0 (from the budget) or in [2, selection.pool_size={sel.pool_size}], got {sel.cells}")
+    _require(sel.num_samples >= 1, "selection.num_samples", f"must be >= 1, got {sel.num_samples}")
 
 
 def overrides_from_run_config(run_config) -> list[str]:

@@ -12,6 +12,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from fedgen.seeding import torch_generator
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -113,3 +115,34 @@ def sample_images(
         x = sampler.step(eps, t, x, generator=generator, return_dict=False)[0]
     unet.train(was_training)
     return x.clamp(-1, 1)
+
+
+def generate(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    num_samples: int,
+    image_size: int,
+    sampling: tuple[str, int],
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """num_samples images [N,1,S,S] in [-1,1] by `sampling` = (method, steps), from noise drawn
+    once from (seed, "utility-samples") and, for DDPM, one step-noise stream per image: the same
+    images whatever the batch size."""
+    noise = torch.randn(
+        (num_samples, 1, image_size, image_size), generator=torch_generator(seed, "utility-samples")
+    )
+    method, steps = sampling
+    unet = unet.to(device)
+    out = []
+    with tqdm(total=num_samples, desc="generating", unit="img", disable=not progress) as bar:
+        for start in range(0, num_samples, batch_size):
+            batch = noise[start : start + batch_size]
+            streams = [torch_generator(seed, "utility-steps", start + i) for i in range(len(batch))]
+            out.append(
+                sample_images(unet, scheduler, batch.to(device), method, steps, generator=streams).cpu()
+            )
+            bar.update(len(batch))
+    return torch.cat(out)

@@ -84,6 +84,7 @@ class RunDir:
     overrides = property(lambda self: self.root / "overrides.json")
     command = property(lambda self: self.root / "command.txt")
     tensorboard = property(lambda self: self.root / "tb")
+    selection = property(lambda self: self.root / "selection.pt")  # `fedgen select`'s release
     checkpoints = property(lambda self: self.root / "checkpoints")
     pipeline = property(lambda self: self.root / "pipeline")
     metrics = property(lambda self: self.root / "metrics.json")

@@ -174,6 +174,17 @@ class AuditConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """`fedgen select`: private selection (`fedgen.privacy.private_selection`). The budget is
+    privacy.target_epsilon and privacy.delta, spent in one release; privacy=none votes without noise."""
+
+    pool_size: int = 2048  # public pool: base samples the hospitals' images vote on
+    pool_seed: int = 777  # public: any party can draw the pool (and its cells) again
+    cells: int = 0  # K; 0 sets it from public quantities (`cluster_count`: silo sizes, sigma)
+    num_samples: int = 64  # selected samples the run draws for its grid (rejection sampling)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "default"
     seed: int = 0
@@ -185,3 +196,4 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)

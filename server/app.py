@@ -24,6 +24,7 @@ from fedgen.privacy.accounting import BudgetExceededError
 from fedgen.run_dir import RunDir
 from server.grid import PromptGrid
 from server.secure_aggregation import SecureReporting, run_secure_rounds
+from server.selection import run_selection
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam}
 
@@ -253,6 +254,9 @@ def main(grid: Grid, context: Context) -> None:
     grid = PromptGrid(grid)  # replies are taken as they come, not on Flower's 3 s poll
     cfg = load_config(overrides_from_run_config(context.run_config))
     run_dir = RunDir(str(context.run_config["run-dir"]))
+    if str(context.run_config.get("mode", "train")) == "select":  # `fedgen select`: one vote, no training
+        run_selection(grid, cfg, run_dir, _say)
+        return
     coordinator = Coordinator(cfg, run_dir, log=_say)
     if coordinator.start_round:
         _say(f"resuming after round {coordinator.start_round} from {run_dir.checkpoints}")

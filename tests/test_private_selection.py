@@ -57,7 +57,7 @@ def test_impossible_privacy_settings_are_refused():
 
 def test_one_image_changes_one_count_by_one():
     pool = _pool()
-    cells = PublicCells(pool, 3)
+    cells = PublicCells.fit(pool, 3)
     silo = _pool(30, seed=1)
     votes = cells.votes(silo)
     assert votes.sum() == len(silo) and votes.dtype == torch.float64
@@ -69,12 +69,12 @@ def test_one_image_changes_one_count_by_one():
 
 
 def test_an_empty_silo_votes_zeros_and_a_wrong_shape_is_refused():
-    cells = PublicCells(_pool(), 3)
+    cells = PublicCells.fit(_pool(), 3)
     assert cells.votes(torch.zeros(0, 1, 4, 4)).tolist() == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="shape"):
         cells.votes(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match="K"):
-        PublicCells(_pool(), 1)
+        PublicCells.fit(_pool(), 1)
 
 
 def test_the_noise_is_secret_and_calibrated():
@@ -93,7 +93,7 @@ def test_weights_are_the_clamped_sum_scaled_to_one_and_all_negative_means_the_ba
 
 def test_the_sampler_keeps_only_weighted_cells():
     pool = _pool()
-    cells = PublicCells(pool, 3)
+    cells = PublicCells.fit(pool, 3)
     dark = cells.cell_of(pool[:1]).item()
     weights = torch.zeros(3)
     weights[dark] = 1.0

@@ -40,12 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
 from fedgen.base_model import initial_unet, weights_hash
 from fedgen.data.dataset import ImageSet
 from fedgen.data.silos import Silo, build_silos, check_records
-from fedgen.diffusion import sample_images
+from fedgen.diffusion import generate, sample_images  # noqa: F401 (generate: re-exported)
 from fedgen.evaluation.downstream import (
     downstream_check,
     has_binary_labels,
@@ -58,7 +57,7 @@ from fedgen.federation.coordinator import finite_mean
 from fedgen.federation.hospital import Hospital
 from fedgen.model import load_released
 from fedgen.run_dir import RunDir, read_json, write_json
-from fedgen.seeding import resolve_device, torch_generator
+from fedgen.seeding import resolve_device
 from fedgen.tracking import FederationLogger
 
 NEAREST_NEIGHBOURS = 3  # k of improved precision and recall (Kynkaenniemi et al. 2019)
@@ -75,37 +74,6 @@ def _checked_silos(run: RunDir, cfg) -> list[Silo]:
 # The source head must read at least this share of held-out images as their own hospital's for the
 # samples' style mix to mean anything (0.5 is chance with two equal hospitals).
 MIX_MIN_ACCURACY = 0.75
-
-
-def generate(
-    unet: UNet2DModel,
-    scheduler: DDPMScheduler,
-    num_samples: int,
-    image_size: int,
-    sampling: tuple[str, int],
-    batch_size: int,
-    seed: int,
-    progress: bool,
-    device: torch.device,
-) -> torch.Tensor:
-    """num_samples images [N,1,S,S] in [-1,1] by `sampling` = (method, steps), from noise drawn
-    once from (seed, "utility-samples") and, for DDPM, one step-noise stream per image: the same
-    images whatever the batch size."""
-    noise = torch.randn(
-        (num_samples, 1, image_size, image_size), generator=torch_generator(seed, "utility-samples")
-    )
-    method, steps = sampling
-    unet = unet.to(device)
-    out = []
-    with tqdm(total=num_samples, desc="generating", unit="img", disable=not progress) as bar:
-        for start in range(0, num_samples, batch_size):
-            batch = noise[start : start + batch_size]
-            streams = [torch_generator(seed, "utility-steps", start + i) for i in range(len(batch))]
-            out.append(
-                sample_images(unet, scheduler, batch.to(device), method, steps, generator=streams).cpu()
-            )
-            bar.update(len(batch))
-    return torch.cat(out)
 
 
 def _final_validation(run: RunDir) -> tuple[float, int]:

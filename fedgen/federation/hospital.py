@@ -18,6 +18,7 @@ from fedgen.base_model import weights_hash
 from fedgen.config import ExperimentConfig
 from fedgen.data.silos import Silo, build_silos
 from fedgen.diffusion import Diffusion, unet_denoiser
+from fedgen.federation.selection import cells_fingerprint, selection_sigma
 from fedgen.model import build_scheduler, build_unet
 from fedgen.privacy.accounting import EpsilonLedger, LedgerError, check_delta, make_plan
 from fedgen.privacy.dp_sgd import privacy_units, train_locally, unit_count
@@ -31,6 +32,13 @@ from fedgen.privacy.lifetime import (
     run_entry,
     site_fingerprint,
 )
+from fedgen.privacy.private_selection import (
+    PublicCells,
+    noisy_votes,
+    selection_epsilon,
+    unit_weights,
+)
+from fedgen.privacy.randomness import privacy_randomness
 from fedgen.seeding import derive_seed, resolve_device, torch_generator
 from fedgen.trainable import merge_lora, prepare_training
 
@@ -229,6 +237,38 @@ class Hospital:
         torch.save({"round": server_round, "input": fingerprint, "state": new_state, "metrics": metrics}, tmp)
         tmp.replace(cached)
         return new_state, metrics
+
+    def vote(self, cells: PublicCells) -> tuple[torch.Tensor, dict]:
+        """Private selection's one release (`fedgen select`): this hospital's votes over the public
+        `cells`, each count noised from its secret randomness, and the metrics to report.
+
+        Sigma comes from this hospital's own config (`selection_sigma`), never from the request.
+        The release is on the site's lifetime ledger (one Gaussian release: q = 1, 1 step) before
+        it is drawn; a release that would pass the lifetime budget is refused. Asked again about
+        the same cells, it re-sends the counts it released then (a repeat costs nothing; fresh noise
+        would spend the budget twice); about other cells, it refuses."""
+        fingerprint, cached = cells_fingerprint(cells), self.home / "selection_vote.pt"
+        if cached.exists():
+            last = torch.load(cached, weights_only=True)
+            if last["cells"] == fingerprint:
+                return last["counts"], last["metrics"]
+            raise LedgerError(f"hospital {self.silo.hospital}: this run already released its votes, on other cells "
+                              f"({cached}); a second release would spend its budget again. Start a new run (name=...)")
+        sigma, h = selection_sigma(self.cfg), self.silo.hospital
+        entry = run_entry(self.cfg, h, self.data_fingerprint, self.largest_patient, 1, [(sigma, 1.0, 1)] if sigma else [],
+                          budget=self.lifetime_budget)
+        key = f"{self.home.resolve()}#selection"  # beside, never over, a DP-SGD run's entry
+        check_lifetime_budget(self.lifetime_path, key, entry, self.lifetime_budget, f"hospital {h}")
+        record_spend(self.lifetime_path, key, entry)
+        counts = cells.votes(self.silo.train.images, unit_weights(self.units, len(self.silo.train)))
+        reproducible = self.cfg.privacy.reproducible_noise
+        if sigma:
+            counts = noisy_votes(counts, sigma, privacy_randomness(reproducible, self.cfg.seed, h, "selection"))
+        metrics = {"hospital": h, "num-examples": len(self.silo.train), "noise-multiplier": sigma,
+                   "epsilon": selection_epsilon(sigma, self.cfg.privacy.delta) if sigma else float("inf"), "delta": self.cfg.privacy.delta,
+                   "reproducible-noise": int(bool(sigma) and reproducible), "largest-patient": self.largest_patient}
+        torch.save({"cells": fingerprint, "counts": counts, "metrics": metrics}, cached)
+        return counts, metrics
 
     @torch.no_grad()
     def evaluate(self, state: StateDict, draws: int = 4) -> dict:

@@ -68,16 +68,26 @@ def cluster_count(num_votes: int, sigma: float, hospitals: int, pool_size: int) 
 
 
 class PublicCells:
-    """The public pool's k-means cells in pixel space. An image belongs to the cell of its nearest
-    pool sample (Private Evolution's vote for the nearest sample, pooled by cell): on three tuning
-    federations this beat the nearest centre (README)."""
+    """The public pool's cells: `labels[i]` is the cell of pool sample i. An image belongs to the
+    cell of its nearest pool sample (Private Evolution's vote for the nearest sample, pooled by
+    cell): on three tuning federations this beat the nearest centre (README)."""
 
-    def __init__(self, pool: torch.Tensor, k: int, seed: int = 0):
+    def __init__(self, pool: torch.Tensor, labels: torch.Tensor):
+        labels = torch.as_tensor(labels).long()
+        if labels.shape != (len(pool),):
+            raise ValueError(f"{len(pool)} pool samples but labels of shape {tuple(labels.shape)}")
+        if len(pool) == 0 or int(labels.min()) < 0 or not bool(torch.isfinite(pool).all()):
+            raise ValueError("the pool must be non-empty and finite, its labels >= 0")
+        self.pool, self.labels = torch.from_numpy(_flat(pool)), labels
+        self.k, self.image_shape = int(labels.max()) + 1, tuple(pool.shape[1:])
+
+    @classmethod
+    def fit(cls, pool: torch.Tensor, k: int, seed: int = 0) -> PublicCells:
+        """K cells by k-means over the pool in pixel space."""
         if not 2 <= k <= len(pool):
             raise ValueError(f"need 2 <= K <= pool size ({len(pool)}), got K={k}")
-        self.pool = torch.from_numpy(_flat(pool))
-        self.labels = torch.from_numpy(KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(self.pool.numpy()))
-        self.k, self.image_shape = k, tuple(pool.shape[1:])
+        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(_flat(pool))
+        return cls(pool, torch.from_numpy(labels))
 
     def cell_of(self, images: torch.Tensor) -> torch.Tensor:
         """The cell of each image [N] (long): that of its nearest pool sample."""
@@ -87,9 +97,24 @@ class PublicCells:
             return torch.zeros(0, dtype=torch.long)
         return self.labels[torch.cdist(torch.from_numpy(_flat(images)), self.pool).argmin(dim=1)].long()
 
-    def votes(self, images: torch.Tensor) -> torch.Tensor:
-        """[K] float64: how many of `images` fall in each cell. An empty silo votes zeros."""
-        return torch.bincount(self.cell_of(images), minlength=self.k).double()
+    def votes(self, images: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[K] float64: how many of `images` fall in each cell (each counted `weights[i]`, default 1).
+        An empty silo votes zeros."""
+        w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        return torch.bincount(self.cell_of(images), weights=w, minlength=self.k).double()
+
+
+def unit_weights(units: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """Patient-level selection: each of a patient's k images votes 1/k, so one patient moves the
+    counts by at most 1 in L1, hence in L2 (the sensitivity the noise is calibrated for).
+    `units`: each image's patient index (`privacy_units`); None: example level, each votes 1."""
+    if units is None:
+        return None
+    units = torch.as_tensor(units).long()
+    if units.shape != (count,):
+        raise ValueError(f"{tuple(units.shape)} unit ids for {count} images")
+    _, inverse, sizes = torch.unique(units, return_inverse=True, return_counts=True)
+    return 1.0 / sizes[inverse].double()
 
 
 def _flat(images: torch.Tensor) -> np.ndarray:

@@ -80,6 +80,8 @@ def audit_run_dp(
         raise DataError(f"{run.root}: no such run directory")
     if not run.config.exists():
         raise DataError(f"{run.root}: not a fedgen run directory (no config.yaml)")
+    if run.selection.exists():
+        raise DataError(f"{run.root}: a private selection run (`fedgen select`): there is no DP-SGD to audit; its one Gaussian release per hospital is tested against the exact mechanism (tests/test_private_selection.py)")
     cfg = run.experiment_config()
     recipe = recipe_of_run(run, cfg, settings.hospital)
     device = resolve_device(cfg.training.device)

@@ -63,11 +63,12 @@ def write_connection(flwr_home: Path, name: str, address: str, root_certificates
     )
 
 
-def write_run_config(path: Path, overrides: list[str], run_dir: RunDir) -> Path:
-    """The app's run config: only what selects and overrides the Hydra config, and the run dir."""
+def write_run_config(path: Path, overrides: list[str], run_dir: RunDir, mode: str = "train") -> Path:
+    """The app's run config: only what selects and overrides the Hydra config, the run dir, and
+    what the run does (train, or select: `fedgen select`)."""
     import tomli_w  # a dependency of flwr
 
-    path.write_text(tomli_w.dumps({"overrides": json.dumps(overrides), "run-dir": str(run_dir.root)}))
+    path.write_text(tomli_w.dumps({"overrides": json.dumps(overrides), "run-dir": str(run_dir.root), "mode": mode}))
     return path
 
 
@@ -203,14 +204,14 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
     return run_dir
 
 
-def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, echo=print) -> None:
+def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, echo=print, mode: str = "train") -> None:
     work = Path(tempfile.mkdtemp(prefix="fedgen-"))
     flwr_home, ray_tmp = work / "home", work / "ray"
     flwr_home.mkdir()
     ray_tmp.mkdir()
     port = free_port()
     write_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", root_certificates=None)
-    run_config = write_run_config(work / "run-config.toml", overrides, run_dir)
+    run_config = write_run_config(work / "run-config.toml", overrides, run_dir, mode)
     fed = cfg.federation
     gpus = fed.client_gpus
     if gpus < 0:
@@ -258,7 +259,11 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
     if status != "finished:completed":
         raise SimulationError(f"the federation ended as '{status}': {details}\nfull log: {log}")
     echo(f"\nresults: {run_dir.root}")
-    echo(f"  global model (diffusers pipeline): {run_dir.pipeline}")
+    if mode == "select":
+        echo(f"  release (the base and its cells' weights): {run_dir.root / 'selection.pt'}")
+        echo(f"  samples: {run_dir.root / 'selection.png'} (the base's: {run_dir.root / 'selection_base.png'})")
+    else:
+        echo(f"  global model (diffusers pipeline): {run_dir.pipeline}")
     echo(f"  metrics: {run_dir.metrics}")
     echo(f"  watch it: tensorboard --logdir {run_dir.root.parent}")
 

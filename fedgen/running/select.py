@@ -1,0 +1,81 @@
+"""`fedgen select`: private selection over a simulated federation, through Flower's own path.
+
+The public base (model.init) is not trained. Each hospital votes, with its own secret noise, for
+the cells of a public pool of the base's samples that its images fall in; the coordinator sums
+the votes into weights, and the release is the base with them (`fedgen.federation.selection`).
+One release per hospital: privacy.target_epsilon and privacy.delta, on its lifetime ledger.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from fedgen.config import ConfigError, absolute_init, load_config
+from fedgen.running.simulate import _interrupt, prepare_run_dir, run_flower
+
+
+def select(overrides: list[str], argv: list[str] | None = None, echo=print):
+    from fedgen.data.silos import build_silos
+    from fedgen.federation.selection import plan_selection
+    from fedgen.privacy.accounting import check_delta
+    from fedgen.privacy.dp_sgd import privacy_units, unit_count
+    from fedgen.privacy.lifetime import check_simulated_site
+    from fedgen.run_dir import RunDir
+    from fedgen.running.pretrain import ensure_base
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    overrides = absolute_init(overrides)
+    if not any(o.split("=", 1)[0].lstrip("+") == "name" for o in overrides):
+        overrides = [*overrides, f"name={load_config(overrides).name}-select"]  # beside, not over, a trained run
+    cfg = load_config(overrides)
+    if not cfg.model.init:
+        raise ConfigError("model.init: selection reweights a public base's samples; it needs one "
+                          "(model.init=pretrained, or a diffusers pipeline or UNet folder)")
+    silos = build_silos(cfg)  # every check before any Flower process starts
+    units = [unit_count(privacy_units(s.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None,
+                        len(s.train)) for s in silos]
+    plan = plan_selection(cfg, units)
+    for silo, count in zip(silos, units, strict=True):
+        if cfg.privacy.enabled:
+            check_delta(cfg.privacy.delta, count)
+        check_simulated_site(cfg, silo, 1.0, 1, plan.sigma)  # one release; a spent lifetime budget refuses here
+    privacy = (f"epsilon {plan.epsilon:.3g} per hospital (delta {plan.delta:g}), sigma {plan.sigma:.2f} per count"
+               if plan.sigma else "off: votes sent without noise, no guarantee")
+    echo(f"fedgen select: {plan.hospitals} hospitals vote on {cfg.selection.pool_size} public base samples in "
+         f"{plan.cells} cells; privacy {privacy}")
+    ensure_base(cfg, cfg.runs_dir, echo)
+    run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
+    if run_dir.config.exists() and not (run_dir.root / "selection.json").exists() and run_dir.metrics.exists():
+        raise ConfigError(f"name: {run_dir.root} holds a training run; pick a new name=...")
+    if prepare_run_dir(run_dir, cfg, overrides, argv or sys.argv):
+        echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
+        return run_dir
+    run_flower(cfg, overrides, run_dir, echo, mode="select")
+    measure_selection(run_dir, echo)
+    return run_dir
+
+
+def measure_selection(run_dir, echo=print, num_samples: int = 256) -> None:
+    """The evaluator's part (it holds the held-out images, as `fedgen sweep` does): utility of the
+    base and of the selection, the DCR attack on both, selection_eval.json and report.md."""
+    from attacks.dcr import dcr_attack
+    from fedgen.evaluation.selection_report import (
+        EVALUATION_FILE,
+        draw_selection,
+        selection_utility,
+        write_selection_report,
+    )
+    from fedgen.run_dir import write_json
+
+    samples = draw_selection(run_dir.root, num_samples, echo)
+    result = selection_utility(run_dir.root, samples, echo)
+    result["attack"] = {name: dcr_attack(x, samples.members.images, samples.heldout.images)
+                        for name, x in (("base", samples.base), ("selection", samples.selected))}
+    write_json(run_dir.root / EVALUATION_FILE, result)
+    for name in ("base", "selection"):
+        r, a = result[name], result["attack"][name]
+        echo(f"  {name}: Frechet distance {r['frechet_distance']:.3f}, precision {r['precision']:.2f}, "
+             f"recall {r['recall']:.2f}, DCR attack AUC {a['dcr_auc']:.3f}")
+    echo(f"  report: {write_selection_report(run_dir.root)}")
