@@ -78,6 +78,7 @@ def write_selection_report(run_dir: str | Path) -> Path:
     sigma, epsilon = float(summary["noise_multiplier"]), float(summary["epsilon_per_hospital"])
     dp = sigma > 0 and math.isfinite(epsilon)
     unit = "patient" if cfg.privacy.unit == "patient" else "image"
+    group = "" if unit == "patient" else "; a patient with k images is protected as a group of k"
     lines = [
         f"# Privacy report: {cfg.name} (private selection)",
         "",
@@ -90,7 +91,7 @@ def write_selection_report(run_dir: str | Path) -> Path:
         "",
         (f"Each hospital added Gaussian noise (sigma {sigma:.3f} per count, from its own secret randomness) before its "
          f"counts left it: ({epsilon:.3g}, {cfg.privacy.delta:g})-differential privacy per {unit} for its training "
-         "images (one release of sensitivity 1, Opacus's RDP). It is on each site's lifetime ledger "
+         f"images (one release of sensitivity 1, Opacus's RDP){group}. It is on each site's lifetime ledger "
          "(`fedgen budget`). The base and the pool are public and not covered."
          if dp else "**No guarantee**: privacy was off, the counts were sent without noise."),
         "",
