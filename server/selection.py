@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
@@ -21,6 +20,7 @@ from fedgen.config import ExperimentConfig
 from fedgen.data.images import save_grid
 from fedgen.federation.hospital import silos_for
 from fedgen.federation.selection import SelectionRelease, base_sampler, plan_selection, public_cells
+from fedgen.model import build_scheduler
 from fedgen.privacy.dp_sgd import privacy_units, unit_count
 from fedgen.run_dir import RunDir, write_json
 from fedgen.tracking import FederationLogger
@@ -61,7 +61,7 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Calla
     noise = f"sigma {plan.sigma:.2f} per count, epsilon {plan.epsilon:.3g} per hospital" if plan.sigma else "no noise (privacy off: no guarantee)"
     say(f"selection: {plan.votes} votes from {plan.hospitals} hospitals into {plan.cells} cells; {noise}")
     base, path = initial_unet(cfg, cfg.runs_dir), base_path(cfg, cfg.runs_dir)
-    draw = base_sampler(cfg, base, _scheduler(cfg))
+    draw = base_sampler(cfg, base, build_scheduler(cfg.model))
     cells = public_cells(cfg, draw, plan.cells, say)
     nodes = wait_for_nodes(grid, fed.min_train_nodes or fed.num_hospitals, fed.round_timeout)
     record = ArrayRecord({"pool": cells.pool.reshape(-1, *cells.image_shape), "labels": cells.labels})
@@ -75,7 +75,9 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Calla
             lost.append(f"node {reply.metadata.src_node_id}: {problem}")
             continue
         released[hospital] = counts
-        say(f"selection: hospital {hospital} voted ({int(cast(int, dict(reply.content.metric_records['metrics'])['num-examples']))} images)")
+        say(f"selection: hospital {hospital} voted")
+    if len(nodes) > len(released) + len(lost):  # asked, and never answered
+        lost.append(f"{len(nodes) - len(released) - len(lost)} hospital(s) sent no reply within federation.round_timeout")
     required = fed.min_train_nodes or fed.num_hospitals
     if len(released) < required:
         error = f"{len(released)} hospitals voted, {required} needed"
@@ -91,12 +93,6 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Calla
                             "and the pool are public and are not covered"}
     write_json(run_dir.root / "selection.json", summary)
     write_json(run_dir.metrics, {"status": "completed", "selection": summary, "summary": {"lost": lost}})
-
-
-def _scheduler(cfg: ExperimentConfig):
-    from fedgen.model import build_scheduler
-
-    return build_scheduler(cfg.model)
 
 
 def _show(cfg: ExperimentConfig, run_dir: RunDir, release: SelectionRelease,

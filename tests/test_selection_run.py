@@ -155,6 +155,7 @@ def test_fedgen_select_runs_one_private_round_through_flower(tmp_path):
     report = (run / "report.md").read_text()
     assert "private selection" in report and "| selection |" in report and "(8, 1e-05)" in report
     assert (run / "selection.png").exists() and (run / "selection_base.png").exists()
+    assert list((run / "tb").glob("events.out.tfevents.*"))  # samples and scalars, beside the trained runs
     refused = subprocess.run([str(Path(sys.executable).parent / "fedgen"), "attack", str(run)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "private selection run" in refused.stderr

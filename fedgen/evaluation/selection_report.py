@@ -23,6 +23,7 @@ from fedgen.evaluation.utility import NEAREST_NEIGHBOURS, _checked_silos
 from fedgen.federation.selection import SelectionRelease, base_sampler
 from fedgen.model import build_scheduler
 from fedgen.run_dir import RunDir, read_json
+from fedgen.tracking import FederationLogger
 
 EVALUATION_FILE = "selection_eval.json"
 
@@ -68,6 +69,24 @@ def selection_utility(run_dir: str | Path, samples: SelectionSamples, log: Calla
         result[name] = {"frechet_distance": frechet_distance(held, f), "precision": pr.precision, "recall": pr.recall}
     result["acceptance"] = len(samples.selected) / samples.drawn
     return result
+
+
+def log_selection(run_dir: str | Path, result: dict) -> None:
+    """The selection's figures in TensorBoard, under the tags a trained run uses (step 1: its one
+    release), so `tensorboard --logdir runs` sets it beside the DP-SGD runs."""
+    run = RunDir(run_dir)
+    summary = read_json(run.root / "selection.json")
+    scalars = {"privacy/epsilon_max": float(summary["epsilon_per_hospital"]),
+               "privacy/noise_multiplier": float(summary["noise_multiplier"]),
+               "utility/frechet_distance": result["selection"]["frechet_distance"],
+               "utility/frechet_distance_base": result["base"]["frechet_distance"],
+               "utility/precision": result["selection"]["precision"], "utility/recall": result["selection"]["recall"],
+               "attack/dcr/auc": result["attack"]["selection"]["dcr_auc"]}
+    logger = FederationLogger(run.tensorboard)
+    for tag, value in scalars.items():
+        if math.isfinite(value):
+            logger.writer.add_scalar(tag, value, 1)
+    logger.close()
 
 
 def write_selection_report(run_dir: str | Path) -> Path:

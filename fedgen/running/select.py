@@ -64,6 +64,7 @@ def measure_selection(run_dir, echo=print, num_samples: int = 256) -> None:
     from fedgen.evaluation.selection_report import (
         EVALUATION_FILE,
         draw_selection,
+        log_selection,
         selection_utility,
         write_selection_report,
     )
@@ -74,6 +75,7 @@ def measure_selection(run_dir, echo=print, num_samples: int = 256) -> None:
     result["attack"] = {name: dcr_attack(x, samples.members.images, samples.heldout.images)
                         for name, x in (("base", samples.base), ("selection", samples.selected))}
     write_json(run_dir.root / EVALUATION_FILE, result)
+    log_selection(run_dir.root, result)
     for name in ("base", "selection"):
         r, a = result[name], result["attack"][name]
         echo(f"  {name}: Frechet distance {r['frechet_distance']:.3f}, precision {r['precision']:.2f}, "
