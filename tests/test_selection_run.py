@@ -78,6 +78,11 @@ def test_a_vote_past_the_lifetime_budget_is_refused_before_anything_is_released(
     assert not SiteLedger.load(h.lifetime_path).entries
 
 
+def test_a_hospital_votes_whatever_its_training_batch_size(tmp_path):
+    counts, metrics = hospital(tmp_path, "training.batch_size=512").vote(cells())  # more than its silo
+    assert counts.shape == (4,) and metrics["num-examples"] > 0
+
+
 def test_without_privacy_the_votes_are_exact_and_say_so(tmp_path):
     h = hospital(tmp_path, "privacy=none")
     c = cells()

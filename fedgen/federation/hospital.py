@@ -20,7 +20,13 @@ from fedgen.data.silos import Silo, build_silos
 from fedgen.diffusion import Diffusion, unet_denoiser
 from fedgen.federation.selection import cells_fingerprint, selection_sigma
 from fedgen.model import build_scheduler, build_unet
-from fedgen.privacy.accounting import EpsilonLedger, LedgerError, check_delta, make_plan
+from fedgen.privacy.accounting import (
+    EpsilonLedger,
+    LedgerError,
+    TrainingPlan,
+    check_delta,
+    make_plan,
+)
 from fedgen.privacy.dp_sgd import privacy_units, train_locally, unit_count
 from fedgen.privacy.lifetime import (
     LIFETIME_FILE,
@@ -82,19 +88,24 @@ class Hospital:
         self.data_fingerprint = site_fingerprint(all_patients(silo), cfg.data.source)
         self.site = Path(site) if site is not None else self._default_site()
         self.lifetime_budget = lifetime_budget(cfg, site_budget)
-        fed = cfg.federation
         # Patient-level DP samples, clips and counts patients: the plan is over them.
         self.units = privacy_units(silo.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None
-        num_units = unit_count(self.units, len(silo.train))
-        self.plan = make_plan(num_units, cfg.training.batch_size, fed.local_epochs, fed.num_rounds)
-        if cfg.privacy.enabled:
-            check_delta(cfg.privacy.delta, num_units)
+        self.num_units = unit_count(self.units, len(silo.train))
+        if cfg.privacy.enabled and self.num_units:  # (an empty silo is refused by the plan)
+            check_delta(cfg.privacy.delta, self.num_units)
         self.device = resolve_device(cfg.training.device)
         self.scheduler = build_scheduler(cfg.model)
         self.diffusion = Diffusion(self.scheduler)
         records = self.home / "records.json"
         if not records.exists():
             records.write_text(json.dumps(silo.records(), indent=1))
+
+    @cached_property
+    def plan(self) -> TrainingPlan:
+        """DP-SGD's plan (sampling rate, steps): made when training first needs it, so a hospital
+        that only votes (`fedgen select`) needs no batch size that fits its silo."""
+        fed = self.cfg.federation
+        return make_plan(self.num_units, self.cfg.training.batch_size, fed.local_epochs, fed.num_rounds)
 
     @cached_property
     def template(self) -> StateDict:
