@@ -43,6 +43,21 @@ def check_vote(msg: Message, k: int, hospitals: int, seen: set[int]) -> tuple[in
     return hospital, counts, None
 
 
+def configured_unit_counts(cfg: ExperimentConfig) -> list[int]:
+    """The hospitals' training images (or patients) as the config describes them: public (DP-SGD's
+    q reveals them too), and needed only to set K. A deployed coordinator that cannot build the
+    hospitals' silos (their own data) is told to set K itself."""
+    try:
+        silos = silos_for(cfg)
+    except Exception as err:
+        if cfg.selection.cells:  # K is given: the counts only label the plan
+            return [0] * cfg.federation.num_hospitals
+        raise RuntimeError(f"selection.cells: the coordinator cannot count the hospitals' images ({err}); "
+                           "set K, e.g. selection.cells=32") from err
+    return [unit_count(privacy_units(s.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None,
+                       len(s.train)) for s in silos]
+
+
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
@@ -54,16 +69,13 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
 
 def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Callable[[str], None]) -> None:
     fed = cfg.federation
-    silos = silos_for(cfg)  # their sizes are public (DP-SGD's q reveals them too); their images stay there
-    units = [unit_count(privacy_units(s.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None,
-                        len(s.train)) for s in silos]
-    plan = plan_selection(cfg, units)
+    plan = plan_selection(cfg, configured_unit_counts(cfg))
     noise = f"sigma {plan.sigma:.2f} per count, epsilon {plan.epsilon:.3g} per hospital" if plan.sigma else "no noise (privacy off: no guarantee)"
     say(f"selection: {plan.votes} votes from {plan.hospitals} hospitals into {plan.cells} cells; {noise}")
     base, path = initial_unet(cfg, cfg.runs_dir), base_path(cfg, cfg.runs_dir)
     draw = base_sampler(cfg, base, build_scheduler(cfg.model))
     cells = public_cells(cfg, draw, plan.cells, say)
-    nodes = wait_for_nodes(grid, fed.min_train_nodes or fed.num_hospitals, fed.round_timeout)
+    nodes = wait_for_nodes(grid, max(fed.min_available_nodes, fed.min_train_nodes or fed.num_hospitals), fed.round_timeout)
     record = ArrayRecord({"pool": cells.pool.reshape(-1, *cells.image_shape), "labels": cells.labels})
     messages = [Message(RecordDict({"cells": record}), dst_node_id=n, message_type="query.select") for n in nodes]
     say(f"selection: asking {len(nodes)} hospitals for their noisy votes")

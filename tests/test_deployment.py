@@ -19,6 +19,7 @@ import torch
 from fedgen.config import load_config
 from fedgen.model import build_unet
 from fedgen.privacy.accounting import EpsilonLedger, epsilon_of
+from fedgen.privacy.lifetime import LIFETIME_FILE, SiteLedger
 from fedgen.running.certificates import CertificateFiles, make_node_key
 from fedgen.running.loopback import LoopbackFederation, Namespaces
 
@@ -149,6 +150,26 @@ def test_unregistered_nodes_and_clients_without_the_ca_are_refused(federation, t
             urllib.request.urlopen(f"http://{federation.address}/health", timeout=10)
     for group, _ in attempts.values():
         group.stop()
+
+
+def test_private_selection_over_the_deployed_federation(federation, tmp_path):
+    """`fedgen deploy run --select`: one round of noisy votes over TLS; each hospital's release is
+    on its own site's lifetime ledger, in its own data directory, never at the coordinator."""
+    runs = tmp_path / "runs"
+    config = [*overrides(runs, "vote", rounds=1), "selection.pool_size=128", "selection.num_samples=8"]
+    with logs_on_failure(federation):
+        run = federation.submit(["--select", *config], "coordinator-select")
+        wait_for("the selection to finish", lambda: run.poll() is not None, ROUND_SECONDS)
+        output = federation.log("coordinator-select").read_text()
+        assert run.returncode == 0, output
+    summary = json.loads((runs / "vote" / "selection.json").read_text())
+    assert summary["hospitals_voted"] == [0, 1, 2] and summary["noise_multiplier"] > 0
+    for h in range(3):
+        entries = SiteLedger.load(federation.data_dir(h) / "fedgen" / LIFETIME_FILE).entries
+        assert [e["history"] for k, e in entries.items() if k.endswith("#selection")] == [
+            [[summary["noise_multiplier"], 1.0, 1]]]
+    assert not (runs / "vote" / "hospitals").exists()  # the coordinator holds no hospital's records
+    assert "(8, 1e-05)-differential privacy" in (runs / "vote" / "report.md").read_text()
 
 
 def test_two_rounds_then_a_crashed_supernode_and_a_crashed_coordinator(federation, tmp_path):

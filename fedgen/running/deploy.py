@@ -189,15 +189,17 @@ def wait_for_nodes(env: dict[str, str], wanted: int, timeout: float, echo=print)
 
 # --- coordinator ---------------------------------------------------------------------------------
 def deploy_run(overrides: list[str], superlink: str, ca: Path | None, min_nodes: int | None = None,
-               node_timeout: float = 600.0, print_only: bool = False, echo=print) -> Path:
+               node_timeout: float = 600.0, print_only: bool = False, echo=print, select: bool = False) -> Path:
     """Submit the federation (the same Hydra config as `fedgen simulate`) to a running SuperLink,
     stream its progress and check how it ended. Run it on the coordinator's machine: the ServerApp
-    writes the run directory (checkpoints, metrics, release) there. Run it again to resume."""
+    writes the run directory (checkpoints, metrics, release) there. Run it again to resume.
+    `select`: private selection (`fedgen select`) instead of training: one round of noisy votes."""
     from fedgen.config import absolute_init, load_config
     from fedgen.run_dir import RunDir
     from fedgen.running.pretrain import ensure_base
+    from fedgen.running.select import check_selection_run_dir, selection_overrides
 
-    overrides = absolute_init(overrides)
+    overrides = selection_overrides(overrides) if select else absolute_init(overrides)
     cfg = load_config(overrides)
     if cfg.privacy.enabled and cfg.privacy.reproducible_noise and ca is not None:
         raise DeploymentError(
@@ -208,13 +210,15 @@ def deploy_run(overrides: list[str], superlink: str, ca: Path | None, min_nodes:
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
     flwr_home = run_dir.root / "flower"
     env = cli_environment(flwr_home, superlink, ca)
-    run_config = write_run_config(flwr_home / "run-config.toml", overrides, run_dir)
+    run_config = write_run_config(flwr_home / "run-config.toml", overrides, run_dir, "select" if select else "train")
     command = [executable("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", str(run_config)]
     echo(shown(command, env))
     if print_only:
         return run_dir.root
     ensure_base(cfg, cfg.runs_dir, echo)  # the coordinator holds the base; hospitals get its weights
-    if prepare_run_dir(run_dir, cfg, overrides, ["fedgen", "deploy", "run", *overrides]):
+    if select:
+        check_selection_run_dir(run_dir)
+    if prepare_run_dir(run_dir, cfg, overrides, ["fedgen", "deploy", "run", *(["--select"] if select else []), *overrides]):
         echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
         return run_dir.root
     checkpoint = run_dir.latest_checkpoint()
@@ -242,7 +246,12 @@ def deploy_run(overrides: list[str], superlink: str, ca: Path | None, min_nodes:
     if status != "finished:completed":
         raise DeploymentError(f"the federation ended as '{status}': {details}\nfull log: {run_dir.flower_log}")
     echo(f"\nresults: {run_dir.root}")
-    echo(f"  global model (diffusers pipeline): {run_dir.pipeline}")
+    if select:  # the coordinator holds no held-out images to measure it with: report without them
+        from fedgen.evaluation.selection_report import write_selection_report
+
+        echo(f"  release (the base and its cells' weights): {run_dir.selection}; report: {write_selection_report(run_dir.root)}")
+    else:
+        echo(f"  global model (diffusers pipeline): {run_dir.pipeline}")
     echo(f"  metrics: {run_dir.metrics}")
     return run_dir.root
 

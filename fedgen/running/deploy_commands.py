@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--node-timeout: must be > 0 seconds, got {args.node_timeout}")
     check_writable(load_config(args.overrides).runs_dir, "runs_dir")
     deploy_run(args.overrides, args.superlink, _security(args), args.min_nodes, args.node_timeout,
-               args.print_only, echo=_say)
+               args.print_only, echo=_say, select=args.select)
     return 0
 
 
@@ -165,7 +165,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.workdir:
         check_writable(args.workdir, "--workdir")
     run_demo(args.overrides, num_nodes=args.nodes, workdir=args.workdir, namespaces=args.netns,
-             isolation=args.isolation)
+             isolation=args.isolation, select=args.select)
     return 0
 
 
@@ -237,6 +237,8 @@ def add_deploy_commands(commands) -> None:
     p.add_argument("--min-nodes", type=int, help="start once this many SuperNodes are online "
                    "(default: federation.num_hospitals)")
     p.add_argument("--node-timeout", type=float, default=600.0, help="seconds to wait for them")
+    p.add_argument("--select", action="store_true", help="private selection instead of training: one round "
+                   "of the hospitals' noisy votes over the public base's samples (as fedgen select)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedgen simulate")
     p.set_defaults(run=_errors(_run))
 
@@ -245,5 +247,7 @@ def add_deploy_commands(commands) -> None:
     isolation(p)
     p.add_argument("--workdir", help="where certificates, logs and hospital data go (default: a temp dir)")
     p.add_argument("--netns", action="store_true", help="each hospital in its own network namespace (root)")
+    p.add_argument("--select", action="store_true", help="private selection instead of training: one round "
+                   "of the hospitals' noisy votes over the public base's samples (as fedgen select)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedgen simulate")
     p.set_defaults(run=_errors(_demo))

@@ -265,7 +265,7 @@ class LoopbackFederation:
 
 
 def run_demo(overrides: list[str], num_nodes: int | None = None, workdir: str | None = None,
-             namespaces: bool = False, isolation: str = "process", echo=print) -> Path:
+             namespaces: bool = False, isolation: str = "process", echo=print, select: bool = False) -> Path:
     """`fedgen deploy demo`: start a TLS federation here, run the config once, stop everything."""
     from fedgen.config import load_config
 
@@ -280,7 +280,7 @@ def run_demo(overrides: list[str], num_nodes: int | None = None, workdir: str | 
             started = time.perf_counter()
             federation.start()
             ready = time.perf_counter()
-            result = deploy_run(overrides, federation.address, federation.certs.ca, echo=echo)
+            result = deploy_run(overrides, federation.address, federation.certs.ca, echo=echo, select=select)
         except BaseException:
             echo(federation.tails())
             raise

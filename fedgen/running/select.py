@@ -16,6 +16,23 @@ from fedgen.config import ConfigError, absolute_init, load_config
 from fedgen.running.simulate import _interrupt, prepare_run_dir, run_flower
 
 
+def selection_overrides(overrides: list[str]) -> list[str]:
+    """The run's overrides: `name=<config name>-select` unless a name is given (a selection's run
+    dir sits beside, never over, a trained run of the same config); refuses a config with no base."""
+    overrides = absolute_init(overrides)
+    if not any(o.split("=", 1)[0].lstrip("+") == "name" for o in overrides):
+        overrides = [*overrides, f"name={load_config(overrides).name}-select"]
+    if not load_config(overrides).model.init:
+        raise ConfigError("model.init: selection reweights a public base's samples; it needs one "
+                          "(model.init=pretrained, or a diffusers pipeline or UNet folder)")
+    return overrides
+
+
+def check_selection_run_dir(run_dir) -> None:
+    if run_dir.config.exists() and not (run_dir.root / "selection.json").exists() and run_dir.metrics.exists():
+        raise ConfigError(f"name: {run_dir.root} holds a training run; pick a new name=...")
+
+
 def select(overrides: list[str], argv: list[str] | None = None, echo=print):
     from fedgen.data.silos import build_silos
     from fedgen.federation.selection import plan_selection
@@ -26,13 +43,8 @@ def select(overrides: list[str], argv: list[str] | None = None, echo=print):
     from fedgen.running.pretrain import ensure_base
 
     signal.signal(signal.SIGTERM, _interrupt)
-    overrides = absolute_init(overrides)
-    if not any(o.split("=", 1)[0].lstrip("+") == "name" for o in overrides):
-        overrides = [*overrides, f"name={load_config(overrides).name}-select"]  # beside, not over, a trained run
+    overrides = selection_overrides(overrides)
     cfg = load_config(overrides)
-    if not cfg.model.init:
-        raise ConfigError("model.init: selection reweights a public base's samples; it needs one "
-                          "(model.init=pretrained, or a diffusers pipeline or UNet folder)")
     silos = build_silos(cfg)  # every check before any Flower process starts
     units = [unit_count(privacy_units(s.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None,
                         len(s.train)) for s in silos]
@@ -47,8 +59,7 @@ def select(overrides: list[str], argv: list[str] | None = None, echo=print):
          f"{plan.cells} cells; privacy {privacy}")
     ensure_base(cfg, cfg.runs_dir, echo)
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
-    if run_dir.config.exists() and not (run_dir.root / "selection.json").exists() and run_dir.metrics.exists():
-        raise ConfigError(f"name: {run_dir.root} holds a training run; pick a new name=...")
+    check_selection_run_dir(run_dir)
     if prepare_run_dir(run_dir, cfg, overrides, argv or sys.argv):
         echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
         return run_dir
