@@ -19,7 +19,13 @@ from fedgen.base_model import base_path, initial_unet, weights_hash
 from fedgen.config import ExperimentConfig
 from fedgen.data.images import save_grid
 from fedgen.federation.hospital import silos_for
-from fedgen.federation.selection import SelectionRelease, base_sampler, plan_selection, public_cells
+from fedgen.federation.selection import (
+    SelectionRelease,
+    base_sampler,
+    plan_selection,
+    pool_cache,
+    public_cells,
+)
 from fedgen.model import build_scheduler
 from fedgen.privacy.dp_sgd import privacy_units, unit_count
 from fedgen.run_dir import RunDir, write_json
@@ -73,8 +79,9 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Calla
     noise = f"sigma {plan.sigma:.2f} per count, epsilon {plan.epsilon:.3g} per hospital" if plan.sigma else "no noise (privacy off: no guarantee)"
     say(f"selection: {plan.votes} votes from {plan.hospitals} hospitals into {plan.cells} cells; {noise}")
     base, path = initial_unet(cfg, cfg.runs_dir), base_path(cfg, cfg.runs_dir)
+    base_sha256 = weights_hash(base.state_dict())
     draw = base_sampler(cfg, base, build_scheduler(cfg.model))
-    cells = public_cells(cfg, draw, plan.cells, say)
+    cells = public_cells(cfg, draw, plan.cells, say, cache=pool_cache(cfg, base_sha256))
     nodes = wait_for_nodes(grid, max(fed.min_available_nodes, fed.min_train_nodes or fed.num_hospitals), fed.round_timeout)
     record = ArrayRecord({"pool": cells.pool.reshape(-1, *cells.image_shape), "labels": cells.labels})
     messages = [Message(RecordDict({"cells": record}), dst_node_id=n, message_type="query.select") for n in nodes]
@@ -95,7 +102,7 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Calla
         error = f"{len(released)} hospitals voted, {required} needed"
         write_json(run_dir.metrics, {"status": "failed", "error": error, "summary": {"lost": lost}})
         raise RuntimeError(error)
-    release = SelectionRelease.assemble(plan, str(path), weights_hash(base.state_dict()), cells, released)
+    release = SelectionRelease.assemble(plan, str(path), base_sha256, cells, released)
     release.save(run_dir.root / "selection.pt")
     _show(cfg, run_dir, release, draw, say)
     summary = {"method": "private selection", "cells": plan.cells, "noise_multiplier": plan.sigma,
@@ -112,7 +119,7 @@ def _show(cfg: ExperimentConfig, run_dir: RunDir, release: SelectionRelease,
     """The selection's samples and the base's from the same public draws: PNGs and TensorBoard."""
     n, seed = cfg.selection.num_samples, cfg.seed
     say(f"selection: drawing {n} selected samples (rejection sampling from the base)")
-    selected, drawn = release.sample(draw, n, seed)
+    selected, drawn = release.sample(draw, n, seed, say)
     base_samples = draw(n, release.plan_seed(seed))  # the sampler's first draws: the base as it is
     say(f"selection: kept {n} of {drawn} base samples ({n / drawn:.0%})")
     upscale = max(1, 64 // cfg.data.image_size)

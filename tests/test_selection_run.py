@@ -14,7 +14,13 @@ from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fedgen.config import ConfigError, load_config
 from fedgen.federation.hospital import Hospital, silos_for
-from fedgen.federation.selection import SelectionRelease, plan_selection, selection_sigma
+from fedgen.federation.selection import (
+    SelectionRelease,
+    plan_selection,
+    pool_cache,
+    public_cells,
+    selection_sigma,
+)
 from fedgen.privacy.accounting import LedgerError
 from fedgen.privacy.lifetime import LIFETIME_FILE, LifetimeBudgetError, SiteLedger, lifetime_spend
 from fedgen.privacy.private_selection import PublicCells, unit_weights
@@ -164,3 +170,20 @@ def test_fedgen_select_runs_one_private_round_through_flower(tmp_path):
     refused = subprocess.run([str(Path(sys.executable).parent / "fedgen"), "attack", str(run)],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "private selection run" in refused.stderr
+
+
+def test_the_public_pool_is_drawn_once_and_read_back_the_same(tmp_path):
+    cfg = load_config([*SILOS, f"runs_dir={tmp_path}", "selection.pool_size=300"])
+    drawn = []
+
+    def draw(n, seed):
+        drawn.append(n)
+        return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    cache = pool_cache(cfg, "sha-of-the-base")
+    first = public_cells(cfg, draw, 4, say=lambda _: None, cache=cache)
+    assert sum(drawn) == 300 and cache.exists()
+    again = public_cells(cfg, draw, 4, say=lambda _: None, cache=cache)
+    assert sum(drawn) == 300  # read back, not drawn again
+    assert torch.equal(first.pool, again.pool) and torch.equal(first.labels, again.labels)
+    assert pool_cache(cfg, "another-base") != cache

@@ -50,7 +50,7 @@ def draw_selection(run_dir: str | Path, num_samples: int, log: Callable[[str], N
     draw = base_sampler(cfg, base, build_scheduler(cfg.model))
     seed = cfg.seed + 1
     log(f"selection evaluation: drawing {num_samples} selected samples and {num_samples} of the base's")
-    selected, drawn = release.sample(draw, num_samples, seed)
+    selected, drawn = release.sample(draw, num_samples, seed, log)
     silos = _checked_silos(run, cfg)
     members, heldout = ImageSet.concat([s.members for s in silos]), ImageSet.concat([s.heldout for s in silos])
     return SelectionSamples(draw(num_samples, release.plan_seed(seed)), selected, drawn, members, heldout)

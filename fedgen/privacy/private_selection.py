@@ -138,9 +138,11 @@ def cell_weights(released: list[torch.Tensor]) -> torch.Tensor:
 def sample_selected(
     draw: Callable[[int, int], torch.Tensor], cells: PublicCells, weights: torch.Tensor, num_samples: int,
     generator: torch.Generator, batch_size: int = 256, max_draws: int = 100_000,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Rejection sampling: `draw(n, batch_index)` gives n fresh base samples; each is kept with
-    probability weights[its cell]. Returns (num_samples images, how many were drawn)."""
+    probability weights[its cell]. Returns (num_samples images, how many were drawn).
+    `progress(kept, drawn)` is told after every batch."""
     kept, count, drawn, batch = [], 0, 0, 0
     while count < num_samples:
         if drawn >= max_draws:
@@ -154,4 +156,6 @@ def sample_selected(
         count += int(accept.sum())
         drawn += len(images)
         batch += 1
+        if progress is not None:
+            progress(min(count, num_samples), drawn)
     return torch.cat(kept)[:num_samples], drawn
