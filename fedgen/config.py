@@ -247,6 +247,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(sel.cells == 0 or 2 <= sel.cells <= sel.pool_size, "selection.cells",
              f"must be 0 (from the budget) or in [2, selection.pool_size={sel.pool_size}], got {sel.cells}")
     _require(sel.num_samples >= 1, "selection.num_samples", f"must be >= 1, got {sel.num_samples}")
+    _require(sel.eval_samples > 3, "selection.eval_samples", f"must be > 3 (precision's k), got {sel.eval_samples}")
 
 
 def overrides_from_run_config(run_config) -> list[str]:

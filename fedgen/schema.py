@@ -182,6 +182,7 @@ class SelectionConfig:
     pool_seed: int = 777  # public: any party can draw the pool (and its cells) again
     cells: int = 0  # K; 0 sets it from public quantities (`cluster_count`: silo sizes, sigma)
     num_samples: int = 64  # selected samples the run draws for its grid (rejection sampling)
+    eval_samples: int = 256  # selected (and base) samples the evaluation measures (FD, precision, DCR)
 
 
 @dataclass

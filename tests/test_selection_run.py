@@ -150,6 +150,7 @@ def test_a_selection_without_a_base_is_refused(tmp_path):
 @pytest.mark.slow
 def test_fedgen_select_runs_one_private_round_through_flower(tmp_path):
     overrides = ["experiment=tradeoff", f"runs_dir={tmp_path}", "selection.pool_size=256", "selection.num_samples=16",
+                 "selection.eval_samples=64",
                  "federation.sampling_steps=10", "pretrain.num_patients=128", "pretrain.epochs=1"]
     out = subprocess.run([str(Path(sys.executable).parent / "fedgen"), "select", *overrides],
                          capture_output=True, text=True, timeout=900)

@@ -64,7 +64,7 @@ def select(overrides: list[str], argv: list[str] | None = None, echo=print):
         echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
         return run_dir
     run_flower(cfg, overrides, run_dir, echo, mode="select")
-    measure_selection(run_dir, echo)
+    measure_selection(run_dir, echo, cfg.selection.eval_samples)
     return run_dir
 
 
