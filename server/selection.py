@@ -25,9 +25,9 @@ from fedgen.federation.selection import (
     plan_selection,
     pool_cache,
     public_cells,
+    silo_unit_counts,
 )
 from fedgen.model import build_scheduler
-from fedgen.privacy.dp_sgd import privacy_units, unit_count
 from fedgen.run_dir import RunDir, write_json
 from fedgen.tracking import FederationLogger
 
@@ -60,8 +60,7 @@ def configured_unit_counts(cfg: ExperimentConfig) -> list[int]:
             return [0] * cfg.federation.num_hospitals
         raise RuntimeError(f"selection.cells: the coordinator cannot count the hospitals' images ({err}); "
                            "set K, e.g. selection.cells=32") from err
-    return [unit_count(privacy_units(s.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None,
-                       len(s.train)) for s in silos]
+    return silo_unit_counts(cfg, silos)
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -120,7 +119,7 @@ def _show(cfg: ExperimentConfig, run_dir: RunDir, release: SelectionRelease,
     n, seed = cfg.selection.num_samples, cfg.seed
     say(f"selection: drawing {n} selected samples (rejection sampling from the base)")
     selected, drawn = release.sample(draw, n, seed, say)
-    base_samples = draw(n, release.plan_seed(seed))  # the sampler's first draws: the base as it is
+    base_samples = draw(n, release.first_draw_seed(seed))  # the sampler's first draws: the base as it is
     say(f"selection: kept {n} of {drawn} base samples ({n / drawn:.0%})")
     upscale = max(1, 64 // cfg.data.image_size)
     save_grid(base_samples, run_dir.root / "selection_base.png", upscale=upscale)

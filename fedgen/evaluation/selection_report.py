@@ -53,7 +53,7 @@ def draw_selection(run_dir: str | Path, num_samples: int, log: Callable[[str], N
     selected, drawn = release.sample(draw, num_samples, seed, log)
     silos = _checked_silos(run, cfg)
     members, heldout = ImageSet.concat([s.members for s in silos]), ImageSet.concat([s.heldout for s in silos])
-    return SelectionSamples(draw(num_samples, release.plan_seed(seed)), selected, drawn, members, heldout)
+    return SelectionSamples(draw(num_samples, release.first_draw_seed(seed)), selected, drawn, members, heldout)
 
 
 def selection_utility(run_dir: str | Path, samples: SelectionSamples, log: Callable[[str], None] = print) -> dict:

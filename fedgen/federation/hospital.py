@@ -45,6 +45,7 @@ from fedgen.privacy.private_selection import (
     unit_weights,
 )
 from fedgen.privacy.randomness import privacy_randomness
+from fedgen.run_dir import save_torch
 from fedgen.seeding import derive_seed, resolve_device, torch_generator
 from fedgen.trainable import merge_lora, prepare_training
 
@@ -278,7 +279,7 @@ class Hospital:
         metrics = {"hospital": h, "num-examples": len(self.silo.train), "noise-multiplier": sigma,
                    "epsilon": selection_epsilon(sigma, self.cfg.privacy.delta) if sigma else float("inf"), "delta": self.cfg.privacy.delta,
                    "reproducible-noise": int(bool(sigma) and reproducible), "largest-patient": self.largest_patient}
-        torch.save({"cells": fingerprint, "counts": counts, "metrics": metrics}, cached)
+        save_torch(cached, {"cells": fingerprint, "counts": counts, "metrics": metrics})
         return counts, metrics
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ import torch
 
 from fedgen.config import ExperimentConfig
 from fedgen.diffusion import generate
+from fedgen.privacy.dp_sgd import privacy_units, unit_count
 from fedgen.privacy.private_selection import (
     PublicCells,
     cell_weights,
@@ -28,6 +29,7 @@ from fedgen.privacy.private_selection import (
     selection_epsilon,
     selection_noise_multiplier,
 )
+from fedgen.run_dir import save_torch
 
 DRAW_SEED_OFFSET = 1000  # the rejection sampler's draws: public seeds after the pool's
 SAMPLE_BATCH = 64
@@ -49,6 +51,12 @@ class SelectionPlan:
     delta: float
     hospitals: int
     votes: int  # training images (or patients) the hospitals hold: public, as DP-SGD's q is
+
+
+def silo_unit_counts(cfg: ExperimentConfig, silos) -> list[int]:
+    """Each silo's voters: its training images, or its patients with privacy.unit=patient."""
+    return [unit_count(privacy_units(s.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None,
+                       len(s.train)) for s in silos]
 
 
 def plan_selection(cfg: ExperimentConfig, unit_counts: list[int]) -> SelectionPlan:
@@ -139,7 +147,7 @@ class SelectionRelease:
                say: Callable[[str], None] | None = None) -> tuple[torch.Tensor, int]:
         """num_samples selected images, and how many base samples were drawn for them (`say`:
         a progress line every 1024 draws)."""
-        first = self.plan_seed(seed)
+        first = self.first_draw_seed(seed)
 
         def progress(kept: int, drawn: int) -> None:
             if say is not None and drawn % 1024 < SAMPLE_BATCH:
@@ -149,15 +157,13 @@ class SelectionRelease:
                                torch.Generator().manual_seed(seed), batch_size=SAMPLE_BATCH, progress=progress)
 
     @staticmethod
-    def plan_seed(seed: int) -> int:
+    def first_draw_seed(seed: int) -> int:
         return seed + DRAW_SEED_OFFSET
 
     def save(self, path: str | Path) -> None:
         data = {"plan": asdict(self.plan), "base": self.base, "base_sha256": self.base_sha256, "pool": self.pool,
                 "labels": self.labels, "weights": self.weights, "released": {str(h): c for h, c in self.released.items()}}
-        tmp = Path(path).with_suffix(".tmp")
-        torch.save(data, tmp)
-        tmp.replace(path)
+        save_torch(Path(path), data)
 
     @classmethod
     def load(cls, path: str | Path) -> SelectionRelease:

@@ -35,9 +35,8 @@ def check_selection_run_dir(run_dir) -> None:
 
 def select(overrides: list[str], argv: list[str] | None = None, echo=print):
     from fedgen.data.silos import build_silos
-    from fedgen.federation.selection import plan_selection
+    from fedgen.federation.selection import plan_selection, silo_unit_counts
     from fedgen.privacy.accounting import check_delta
-    from fedgen.privacy.dp_sgd import privacy_units, unit_count
     from fedgen.privacy.lifetime import check_simulated_site
     from fedgen.run_dir import RunDir
     from fedgen.running.pretrain import ensure_base
@@ -46,8 +45,7 @@ def select(overrides: list[str], argv: list[str] | None = None, echo=print):
     overrides = selection_overrides(overrides)
     cfg = load_config(overrides)
     silos = build_silos(cfg)  # every check before any Flower process starts
-    units = [unit_count(privacy_units(s.train.patient_ids, cfg.privacy.unit) if cfg.privacy.enabled else None,
-                        len(s.train)) for s in silos]
+    units = silo_unit_counts(cfg, silos)
     plan = plan_selection(cfg, units)
     for silo, count in zip(silos, units, strict=True):
         if cfg.privacy.enabled:
