@@ -1,8 +1,15 @@
-"""`fedgen deploy` without Flower processes: certificates, the exact Flower commands, the node
-config a hospital's SuperNode passes, where a deployed hospital keeps its ledger, and the
-ServerApp's prompt Grid."""
+"""`fedgen deploy` without a federation: certificates, the exact Flower commands, the node
+config a hospital's SuperNode passes, where a deployed hospital keeps its ledger, the
+ServerApp's prompt Grid, and that a killed command stops the one SuperLink it started."""
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
+import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,6 +33,7 @@ from fedgen.running.deploy import (
     superlink_command,
     supernode_command,
 )
+from fedgen.running.processes import TAG_VARIABLE, alive, free_port, tagged
 from server.grid import FIRST_RETRY, PromptGrid, prompt_object_pulls
 
 TINY = ["data.num_patients=48", "data.image_size=16", "federation.num_hospitals=3", "name=pilot"]
@@ -240,3 +248,37 @@ def test_a_half_uploaded_message_is_pulled_again_promptly(monkeypatch, flower_mo
     monkeypatch.setattr(module, "pull_objects", lambda *a, **k: {})  # a Flower that no longer matches
     with pytest.warns(UserWarning, match="Flower's pace"):
         assert not prompt_object_pulls(module)
+
+
+def test_a_killed_deploy_command_stops_the_flower_processes_it_started(tmp_path):
+    """SIGTERM (a service manager, `timeout`) must unwind `fedgen deploy ...` as Ctrl-C does:
+    a killed command that left its SuperLink running would hold the port and the database."""
+    port, tag = free_port(), uuid.uuid4().hex
+    env = {**os.environ, TAG_VARIABLE: tag}
+    command = [sys.executable, "-c", "import sys; from fedgen.cli import main; sys.exit(main())",
+               "deploy", "superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+               "--state", str(tmp_path / "superlink")]
+    fedgen = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any("flower-superlink" in _command_line(p) for p in tagged(tag)):
+            time.sleep(0.2)
+        assert any("flower-superlink" in _command_line(p) for p in tagged(tag)), "the SuperLink never started"
+        fedgen.send_signal(signal.SIGTERM)
+        fedgen.wait(timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline and [p for p in tagged(tag) if alive(p)]:
+            time.sleep(0.2)
+        assert [_command_line(p) for p in tagged(tag) if alive(p)] == []
+    finally:
+        fedgen.kill()
+        for pid in tagged(tag):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -34,7 +34,7 @@ from fedgen.running.deploy import (
     supernode_command,
 )
 from fedgen.running.preflight import check_count, check_writable
-from fedgen.running.processes import ProcessGroup
+from fedgen.running.processes import ProcessGroup, stop_on_sigterm
 from fedgen.running.simulate import executable, flower_environment
 
 DEFAULT_PORT = 9092
@@ -171,6 +171,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _errors(handler):
     def run(args: argparse.Namespace) -> int:
+        stop_on_sigterm()  # a killed `fedgen deploy ...` stops the Flower processes it started
         try:
             return handler(args)
         except (DeploymentError, FileExistsError) as err:

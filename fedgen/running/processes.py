@@ -71,6 +71,16 @@ def tagged(tag: str) -> list[int]:
     return found
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """Make a kill (SIGTERM: a service manager, `timeout`, a closed terminal) unwind this process
+    as Ctrl-C does, so that every `ProcessGroup` it started is stopped on the way out."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def _signal(pids, sig) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):

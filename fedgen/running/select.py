@@ -8,12 +8,12 @@ One release per hospital: privacy.target_epsilon and privacy.delta, on its lifet
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
 from fedgen.config import ConfigError, absolute_init, load_config
-from fedgen.running.simulate import _interrupt, prepare_run_dir, run_flower
+from fedgen.running.processes import stop_on_sigterm
+from fedgen.running.simulate import prepare_run_dir, run_flower
 
 
 def selection_overrides(overrides: list[str]) -> list[str]:
@@ -41,7 +41,7 @@ def select(overrides: list[str], argv: list[str] | None = None, echo=print):
     from fedgen.run_dir import RunDir
     from fedgen.running.pretrain import ensure_base
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     overrides = selection_overrides(overrides)
     cfg = load_config(overrides)
     silos = build_silos(cfg)  # every check before any Flower process starts

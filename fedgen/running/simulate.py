@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 
 from fedgen.config import CONF_DIR, ConfigError, ExperimentConfig, absolute_init, load_config
-from fedgen.running.processes import ProcessGroup, free_port, wait_until_healthy
+from fedgen.running.processes import ProcessGroup, free_port, stop_on_sigterm, wait_until_healthy
 
 if TYPE_CHECKING:  # run_dir imports torch: keep it out of `fedgen --help`
     from fedgen.run_dir import RunDir
@@ -161,14 +160,10 @@ def prepare_run_dir(run_dir: RunDir, cfg: ExperimentConfig, overrides: list[str]
     return False
 
 
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
 def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) -> RunDir:
     from fedgen.run_dir import RunDir
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a kill stops Flower's processes like Ctrl-C does
+    stop_on_sigterm()
     overrides = absolute_init(overrides)
     cfg = load_config(overrides)
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
