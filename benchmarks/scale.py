@@ -11,6 +11,7 @@ JSON with, for each:
   1/n in each (torch's libraries, mapped by every process that imports torch, count once): what
   the tree takes from the machine's memory (Linux only; None elsewhere);
 - peak_processes: the most processes the tree held at once;
+- pss_at_peak_gib: at the PSS peak, each kind of process's share (GiB, by command or Ray role);
 - ledgers_ok: every hospital's `privacy.json` entry was recomputed to the same epsilon, within its
   budget, with as many steps as the plan (no hospital left out or double-counted:
   `fedgen.evaluation.card_check`).
@@ -54,6 +55,7 @@ class TreeMemory:
         self.root, self.every = psutil.Process(pid), every
         self.peak_bytes, self.peak_processes = 0, 0
         self.peak_pss: int | None = 0 if sys.platform.startswith("linux") else None
+        self.at_peak: dict[str, float] = {}  # GiB of PSS by process name, at the PSS peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -63,7 +65,7 @@ class TreeMemory:
                 tree = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
-            total, pss = 0, 0
+            total, pss, by_name = 0, 0, {}
             for proc in tree:
                 with contextlib.suppress(psutil.Error):  # gone between listing and reading
                     if self.peak_pss is None:
@@ -71,9 +73,12 @@ class TreeMemory:
                     else:
                         full = proc.memory_full_info()
                         total, pss = total + full.rss, pss + full.pss
+                        name = _process_name(proc)
+                        by_name[name] = by_name.get(name, 0) + full.pss
             self.peak_bytes = max(self.peak_bytes, total)
-            if self.peak_pss is not None:
-                self.peak_pss = max(self.peak_pss, pss)
+            if self.peak_pss is not None and pss > self.peak_pss:
+                self.peak_pss = pss
+                self.at_peak = {n: round(b / 2**30, 3) for n, b in sorted(by_name.items(), key=lambda x: -x[1])}
             self.peak_processes = max(self.peak_processes, len(tree))
             self._stop.wait(self.every)
 
@@ -84,6 +89,20 @@ class TreeMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _process_name(proc: psutil.Process) -> str:
+    """What a process of the tree is: Flower's commands by their script, Ray's by their role."""
+    line = proc.cmdline()
+    for word in line[:3]:
+        base = Path(word).name
+        if base.startswith(("flwr", "flower-", "fedgen", "raylet", "gcs_server")):
+            return base
+    text = " ".join(line)
+    for role in ("default_worker", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray::"):
+        if role in text:
+            return f"ray {role}"
+    return proc.name()
 
 
 def one_run(runs_dir: Path, hospitals: int) -> dict:
@@ -107,6 +126,7 @@ def one_run(runs_dir: Path, hospitals: int) -> dict:
         "peak_rss_gib": round(memory.peak_bytes / 2**30, 2),
         "peak_pss_gib": None if memory.peak_pss is None else round(memory.peak_pss / 2**30, 2),
         "peak_processes": memory.peak_processes,
+        "pss_at_peak_gib": memory.at_peak,
         "ledgers_ok": not problems, "ledger_problems": problems[:5],
     }
     print(json.dumps(row), flush=True)

@@ -305,17 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fedgen.config import ConfigError
-    from fedgen.data.dataset import DataError
 
     try:
         return args.run(args)
-    except (ConfigError, DataError) as err:
+    except ConfigError as err:
         return _error(str(err), 2)
     except KeyboardInterrupt:
         return 130
     except OSError as err:  # a file that cannot be read or written: the message names it
         return _error(str(err), 1)
     except Exception as err:
+        # Matched by name: importing fedgen.data.dataset here would load torch into every
+        # command, `fedgen simulate`'s launcher included (fedgen.running.apart says why not).
+        if type(err).__name__ == "DataError":
+            return _error(str(err), 2)
         if type(err).__module__.startswith(("hydra", "omegaconf")):  # e.g. a damaged config.yaml
             return _error(str(err).splitlines()[0], 2)
         if type(err).__name__ in ("SimulationError", "AuditAlarm", "DpAuditAlarm", "LifetimeBudgetError", "LedgerError"):  # a run's summary: a line per lost hospital

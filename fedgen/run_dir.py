@@ -23,10 +23,8 @@ import math
 import os
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fedgen.base_model import weights_hash
 from fedgen.config import ConfigError, ExperimentConfig, to_config
 
 CHECKPOINT_GLOB = "round-*.pt"
@@ -53,6 +51,8 @@ def write_json(path: Path, data) -> None:
 
 def save_torch(path: Path, data: dict) -> None:
     """Atomic torch.save: a crash mid-write never leaves a truncated checkpoint."""
+    import torch  # here, not at the top: a launcher reads run dirs without torch (running.apart)
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(data, tmp)
@@ -111,6 +111,8 @@ class RunDir:
     def save_checkpoint(self, server_round: int, state: dict, history: list[dict]) -> str:
         """Write the round's checkpoint, carrying the sha256 of its weights; returns the file's
         sha256, which metrics.json records."""
+        from fedgen.base_model import weights_hash
+
         path = self.checkpoint_path(server_round)
         save_torch(path, {"round": server_round, "model": state, "history": history,
                           "weights_sha256": weights_hash(state)})
@@ -122,6 +124,10 @@ class RunDir:
         match the hash metrics.json recorded for it (a checkpoint written just before a crash may
         have none there yet: it verifies by the hash it carries). Otherwise it is refused, naming
         the file: resuming from it would train every hospital on garbage."""
+        import torch
+
+        from fedgen.base_model import weights_hash
+
         found = sorted(self.checkpoints.glob(CHECKPOINT_GLOB))
         if not found:
             return None

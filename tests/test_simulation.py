@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from fedgen.cli import main as cli_main
-from fedgen.config import load_config
+from fedgen.config import ConfigError, load_config
 from fedgen.evaluation.card_check import card_problems
 from fedgen.model import build_unet
 from fedgen.privacy.accounting import EpsilonLedger, epsilon_of
+from fedgen.running.apart import call_apart
 from fedgen.running.processes import TAG_VARIABLE
+from fedgen.running.simulate import prepare_simulation
 
 FEDGEN = str(Path(sys.executable).parent / "fedgen")
 
@@ -293,3 +295,22 @@ def test_simulated_hospitals_in_parallel(hospitals, cores, parallel, expected):
 
     fed = load_config([f"federation.num_hospitals={hospitals}", f"federation.parallel_clients={parallel}"]).federation
     assert parallel_hospitals(fed, cores) == expected
+
+
+def test_the_launcher_plans_in_a_child_process_and_holds_no_torch(tmp_path):
+    """`fedgen simulate` waits on Flower for the whole run: its planning (torch, diffusers,
+    Opacus) runs in a child process, whose lines, result and errors come back here."""
+    overrides = [*tiny_overrides(tmp_path, "planned"), "model.init=null"]  # no pretraining here
+    lines: list[str] = []
+    prepared = call_apart(prepare_simulation, overrides, ["test"], echo=lines.append)
+    assert prepared == {"complete": False, "gpus": 1.0 if torch.cuda.is_available() else 0.0}
+    assert [line.split(":")[0] for line in lines[-2:]] == ["  hospital 0", "  hospital 1"]
+    assert (tmp_path / "planned" / "config.yaml").exists()  # the child prepared the run dir
+    with pytest.raises(ConfigError, match="federation.num_hospitals") as refused:
+        call_apart(prepare_simulation, [*overrides, "federation.num_hospitals=many"], ["test"], echo=lines.append)
+    assert "in a child process of the launcher" in "".join(refused.value.__notes__)
+    # What the launcher itself imports, from the command line to the run: no torch.
+    probe = ("import sys; import fedgen.running.simulate as s; from fedgen.cli import main\n"
+             "s.call_apart = lambda *a, **k: sys.exit('torch' in sys.modules)\n"
+             f"main(['simulate', 'runs_dir={tmp_path}', 'name=probe'])")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0

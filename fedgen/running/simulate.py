@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 
 from fedgen.config import CONF_DIR, ConfigError, ExperimentConfig, absolute_init, load_config
+from fedgen.running.apart import call_apart
 from fedgen.running.processes import ProcessGroup, free_port, stop_on_sigterm, wait_until_healthy
 
 if TYPE_CHECKING:  # run_dir imports torch: keep it out of `fedgen --help`
@@ -170,8 +171,24 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
     echo(f"fedgen: {cfg.federation.num_hospitals} hospitals, {cfg.federation.num_rounds} rounds, "
          f"privacy {'epsilon ' + format(cfg.privacy.target_epsilon, 'g') if cfg.privacy.enabled else 'off'}, "
          f"model {cfg.model.name}, data {cfg.data.source}")
+    # The planning needs torch, diffusers and Opacus: a child process does it, so that this one
+    # waits on Flower without them (fedgen.running.apart).
+    prepared = call_apart(prepare_simulation, overrides, argv or sys.argv, echo=echo)
+    if prepared["complete"]:
+        return run_dir
+    run_flower(cfg, overrides, run_dir, echo, gpus=prepared["gpus"])
+    return run_dir
+
+
+def prepare_simulation(overrides: list[str], argv: list[str], echo=print) -> dict:
+    """Everything before Flower starts: plan and show each hospital's privacy (an impossible
+    setting fails here), pretrain the base if needed, prepare or resume the run directory.
+    Returns {"complete": the run had already finished, "gpus": each simulated hospital's GPUs}."""
+    cfg = load_config(overrides)
+    from fedgen.run_dir import RunDir
     from fedgen.running.pretrain import ensure_base
 
+    run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
     rows = plan_table(cfg)  # impossible privacy or data settings fail here, before any training
     level = cfg.privacy.hospital_level
     if level.enabled:  # the coordinator's own DP: a budget no noise can meet fails here too
@@ -189,17 +206,28 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
              f"{row['steps']} planned steps{sigma}")
     if level.enabled:
         echo(level_line)
-    if prepare_run_dir(run_dir, cfg, overrides, argv or sys.argv):
+    gpus = client_gpus(cfg)
+    if prepare_run_dir(run_dir, cfg, overrides, argv):
         echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
-        return run_dir
+        return {"complete": True, "gpus": gpus}
     checkpoint = run_dir.latest_checkpoint()
     if checkpoint:
         echo(f"resuming '{cfg.name}' after round {checkpoint['round']}")
-    run_flower(cfg, overrides, run_dir, echo)
-    return run_dir
+    return {"complete": False, "gpus": gpus}
 
 
-def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, echo=print, mode: str = "train") -> None:
+def client_gpus(cfg: ExperimentConfig) -> float:
+    """GPUs per simulated hospital: `federation.client_gpus`, or (-1) one where CUDA is present."""
+    if cfg.federation.client_gpus >= 0:
+        return cfg.federation.client_gpus
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, echo=print, mode: str = "train",
+               gpus: float | None = None) -> None:
+    """Run the app in Flower's simulation; `gpus` per hospital (None: `client_gpus(cfg)`)."""
     work = Path(tempfile.mkdtemp(prefix="fedgen-"))
     flwr_home, ray_tmp = work / "home", work / "ray"
     flwr_home.mkdir()
@@ -208,11 +236,7 @@ def run_flower(cfg: ExperimentConfig, overrides: list[str], run_dir: RunDir, ech
     write_connection(flwr_home, CONNECTION, f"127.0.0.1:{port}", root_certificates=None)
     run_config = write_run_config(work / "run-config.toml", overrides, run_dir, mode)
     fed = cfg.federation
-    gpus = fed.client_gpus
-    if gpus < 0:
-        import torch
-
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    gpus = client_gpus(cfg) if gpus is None else gpus
     federation_config = (
         f"num_supernodes={fed.num_hospitals} client_resources_num_cpus={fed.client_cpus} "
         f"client_resources_num_gpus={gpus}"
