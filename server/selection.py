@@ -28,6 +28,9 @@ from fedgen.federation.selection import (
     silo_unit_counts,
 )
 from fedgen.model import build_scheduler
+from fedgen.privacy.lifetime import run_lifetimes
+from fedgen.privacy.privacy_card import privacy_card
+from fedgen.privacy.private_selection import selection_epsilon
 from fedgen.run_dir import RunDir, write_json
 from fedgen.tracking import FederationLogger
 
@@ -86,6 +89,7 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Calla
     messages = [Message(RecordDict({"cells": record}), dst_node_id=n, message_type="query.select") for n in nodes]
     say(f"selection: asking {len(nodes)} hospitals for their noisy votes")
     released: dict[int, torch.Tensor] = {}
+    reported: dict[int, dict] = {}  # each voter's metrics: what it says it spent
     lost: list[str] = []
     for reply in grid.send_and_receive(messages, timeout=fed.round_timeout):
         hospital, counts, problem = check_vote(reply, plan.cells, fed.num_hospitals, set(released))
@@ -93,6 +97,7 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Calla
             lost.append(f"node {reply.metadata.src_node_id}: {problem}")
             continue
         released[hospital] = counts
+        reported[hospital] = dict(reply.content.metric_records["metrics"])
         say(f"selection: hospital {hospital} voted")
     if len(nodes) > len(released) + len(lost):  # asked, and never answered
         lost.append(f"{len(nodes) - len(released) - len(lost)} hospital(s) sent no reply within federation.round_timeout")
@@ -110,7 +115,25 @@ def run_selection(grid: Grid, cfg: ExperimentConfig, run_dir: RunDir, say: Calla
                "guarantee": "the hospitals' training images, in one Gaussian release of their votes; the base "
                             "and the pool are public and are not covered"}
     write_json(run_dir.root / "selection.json", summary)
+    write_json(run_dir.privacy_card, selection_card(cfg, run_dir, reported))
     write_json(run_dir.metrics, {"status": "completed", "selection": summary, "summary": {"lost": lost}})
+
+
+def selection_card(cfg: ExperimentConfig, run_dir: RunDir, reported: dict[int, dict]) -> dict:
+    """The run's privacy card (`privacy.json`), as a trained run's: each voter's one release
+    (sigma, q = 1, 1 step) as it reported it, its epsilon recomputed from that, and its site's
+    lifetime spend."""
+    ledgers = {str(h): {"history": [[float(m["noise-multiplier"]), 1.0, 1]] if m["noise-multiplier"] else [],
+                        "epsilon": float(m["epsilon"]), "delta": float(m["delta"]),
+                        "largest_patient": int(m["largest-patient"]), "reproducible_noise": bool(m["reproducible-noise"])}
+               for h, m in sorted(reported.items())}
+    card = privacy_card(cfg.privacy.enabled, "rdp", ledgers, cfg.privacy.unit, run_lifetimes(run_dir.root),
+                        mechanism="private selection (one Gaussian release of its votes)",
+                        sampling="none: every training unit votes once, in one release (q = 1, 1 step)")
+    for entry in card["hospitals"].values():  # recomputed as the hospital computed it: RDP orders to 1000
+        entry.update(accountant="rdp (orders to 1000, for one Gaussian release)",
+                     epsilon_recomputed=selection_epsilon(entry["history"][0][0], entry["delta"]))
+    return card
 
 
 def _show(cfg: ExperimentConfig, run_dir: RunDir, release: SelectionRelease,

@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 
 from fedgen.config import ConfigError, load_config
+from fedgen.evaluation.card_check import card_problems
 from fedgen.federation.hospital import Hospital, silos_for
 from fedgen.federation.selection import (
     SelectionRelease,
@@ -24,9 +25,9 @@ from fedgen.federation.selection import (
 from fedgen.privacy.accounting import LedgerError
 from fedgen.privacy.lifetime import LIFETIME_FILE, LifetimeBudgetError, SiteLedger, lifetime_spend
 from fedgen.privacy.private_selection import PublicCells, unit_weights
-from fedgen.run_dir import RunDir
+from fedgen.run_dir import RunDir, write_json
 from fedgen.running.select import select
-from server.selection import check_vote
+from server.selection import check_vote, selection_card
 
 SILOS = ["model.init=null", "data.image_size=16", "data.num_patients=40", "federation.num_hospitals=2",
          "training.batch_size=8"]
@@ -57,6 +58,25 @@ def test_a_vote_is_noised_by_the_hospital_and_on_its_lifetime_ledger(tmp_path):
     theirs = dpa.rdp.RdpAccountant()
     theirs.compose(dpa.GaussianDpEvent(sigma), 1)
     assert lifetime_spend(entries).epsilon == pytest.approx(theirs.get_epsilon(1e-5), rel=0.02)
+
+
+def test_a_selection_run_has_a_privacy_card_that_checks_out(tmp_path):
+    """privacy.json for a selection, as for a trained run: each voter's one release (sigma, q = 1,
+    1 step), its epsilon recomputed from that alone, its site's lifetime spend."""
+    cfg = load_config([*SILOS, f"runs_dir={tmp_path}", "name=sel", "privacy.unit=patient"])
+    silos, c = silos_for(cfg), cells()
+    reported = {h: Hospital(cfg, silos[h], RunDir(tmp_path / "sel").hospital_home(h)).vote(c)[1] for h in (0, 1)}
+    run_dir = RunDir(tmp_path / "sel")
+    write_json(run_dir.privacy_card, selection_card(cfg, run_dir, reported))
+    card = json.loads(run_dir.privacy_card.read_text())
+    assert card["dp"] and card["level"] == "patient-level private selection (one Gaussian release of its votes) at each hospital ('hospitals')"
+    sigma = selection_sigma(cfg)
+    for h in ("0", "1"):
+        entry = card["hospitals"][h]
+        assert entry["history"] == [[sigma, 1.0, 1]] and entry["steps"] == 1 and entry["sampling"].startswith("none")
+        assert entry["epsilon_recomputed"] == entry["epsilon"] == reported[int(h)]["epsilon"] <= 8.0
+        assert entry["largest_patient_images"] == 1  # patient level: a patient's images vote 1 in all
+        assert card["lifetime"]["hospitals"][h]["epsilon"] == pytest.approx(8.0, rel=0.01)
 
 
 def test_asked_again_a_hospital_resends_its_release_and_refuses_other_cells(tmp_path):
@@ -162,6 +182,7 @@ def test_fedgen_select_runs_one_private_round_through_flower(tmp_path):
     for site in (tmp_path / "sites").iterdir():  # each hospital's release is on its own site's ledger
         entries = list(SiteLedger.load(site / LIFETIME_FILE).entries.values())
         assert [e["history"] for e in entries] == [[[summary["noise_multiplier"], 1.0, 1]]]
+    assert card_problems(run, 2, 1) == []  # privacy.json: both voters, each epsilon recomputes, within budget
     measured = json.loads((run / "selection_eval.json").read_text())
     assert {"base", "selection", "attack", "acceptance"} <= set(measured)
     report = (run / "report.md").read_text()

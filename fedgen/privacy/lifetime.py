@@ -274,6 +274,6 @@ def run_lifetimes(run_root: str | Path) -> dict[str, dict]:
         except LedgerError as err:  # the card says so; the hospitals refuse to train on it
             summary = {"site": str(path.parent), "error": str(err), "runs": []}
         for run in summary["runs"]:
-            if run["run"].startswith(prefix):
-                found[run["run"][len(prefix):]] = summary
+            if run["run"].startswith(prefix):  # (a selection's key ends in "#selection")
+                found[run["run"][len(prefix):].split("#")[0]] = summary
     return found

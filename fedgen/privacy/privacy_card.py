@@ -19,8 +19,9 @@ from fedgen.privacy.hospital_level import hospital_level_card
 CARD_VERSION = 1
 
 
-def hospital_card(ledger: dict, accountant: str, unit: str = "example") -> dict:
-    """One hospital's entry from the coordinator's record of its ledger (`Coordinator.ledgers`)."""
+def hospital_card(ledger: dict, accountant: str, unit: str = "example", sampling: str | None = None) -> dict:
+    """One hospital's entry from the coordinator's record of its ledger (`Coordinator.ledgers`).
+    `sampling`: how its units entered each step, where not DP-SGD's Poisson sampling."""
     history = [(float(s), float(q), int(n)) for s, q, n in ledger["history"]]
     delta = float(ledger["delta"])
     # Patient-level DP protects a whole patient at epsilon: the group is one unit.
@@ -31,7 +32,7 @@ def hospital_card(ledger: dict, accountant: str, unit: str = "example") -> dict:
         "epsilon_recomputed": epsilon_of(history, accountant, delta),
         "delta": delta,
         "accountant": accountant,
-        "sampling": f"Poisson, rate q per {'patient' if unit == 'patient' else 'example'} per step",
+        "sampling": sampling or f"Poisson, rate q per {'patient' if unit == 'patient' else 'example'} per step",
         "history": [list(h) for h in history],
         "steps": sum(n for _, _, n in history),
         "reproducible_noise": bool(ledger.get("reproducible_noise", True)),
@@ -42,16 +43,20 @@ def hospital_card(ledger: dict, accountant: str, unit: str = "example") -> dict:
 
 
 def privacy_card(enabled: bool, accountant: str, ledgers: dict, unit: str = "example",
-                 lifetime: dict | None = None, hospital_level: dict | None = None) -> dict:
+                 lifetime: dict | None = None, hospital_level: dict | None = None,
+                 mechanism: str = "DP-SGD", sampling: str | None = None) -> dict:
     """`lifetime`: {hospital: its site's lifetime totals and every run's history}
     (`fedgen.privacy.lifetime.run_lifetimes`); a deployed run's sites keep theirs.
-    `hospital_level`: the coordinator's ledger (`HospitalLevelDP.to_dict`) when that level is on."""
+    `hospital_level`: the coordinator's ledger (`HospitalLevelDP.to_dict`) when that level is on.
+    `mechanism` and `sampling` name what each hospital released, where it is not DP-SGD
+    (private selection: one Gaussian release of every image's vote)."""
     lifetime = {"hospitals": lifetime or {}, "note": "what each hospital's site spent on its patients "
                 "over all its runs, this one included (fedgen budget <runs dir or site>)"}
     card: dict = {"version": CARD_VERSION, "dp": False, "hospitals": {}, "lifetime": lifetime}
     if enabled:
-        card.update(dp=True, hospitals={h: hospital_card(v, accountant, unit) for h, v in ledgers.items() if v.get("history")})
-    levels = [f"{unit}-level DP-SGD at each hospital ('hospitals')"] if enabled else []
+        card.update(dp=True, hospitals={h: hospital_card(v, accountant, unit, sampling) for h, v in ledgers.items()
+                                        if v.get("history")})
+    levels = [f"{unit}-level {mechanism} at each hospital ('hospitals')"] if enabled else []
     if hospital_level is not None:
         card.update(dp=True, hospital_level=hospital_level_card(hospital_level))
         levels.append("hospital-level DP at the coordinator ('hospital_level')")
