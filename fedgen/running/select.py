@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from fedgen.config import ConfigError, absolute_init, load_config
+from fedgen.running.apart import call_apart
 from fedgen.running.processes import stop_on_sigterm
-from fedgen.running.simulate import prepare_run_dir, run_flower
+from fedgen.running.simulate import client_gpus, prepare_run_dir, run_flower
 
 
 def selection_overrides(overrides: list[str]) -> list[str]:
@@ -34,6 +35,25 @@ def check_selection_run_dir(run_dir) -> None:
 
 
 def select(overrides: list[str], argv: list[str] | None = None, echo=print):
+    from fedgen.run_dir import RunDir
+
+    stop_on_sigterm()
+    overrides = selection_overrides(overrides)
+    cfg = load_config(overrides)
+    run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
+    # As `fedgen simulate`: a child process plans, so that this one waits on Flower without torch.
+    prepared = call_apart(prepare_selection, overrides, argv or sys.argv, echo=echo)
+    if prepared["complete"]:
+        return run_dir
+    run_flower(cfg, overrides, run_dir, echo, mode="select", gpus=prepared["gpus"])
+    measure_selection(run_dir, echo, cfg.selection.eval_samples)
+    return run_dir
+
+
+def prepare_selection(overrides: list[str], argv: list[str], echo=print) -> dict:
+    """Every check before any Flower process starts (a spent lifetime budget refuses here), the
+    base pretrained if needed, the run dir prepared. Returns {"complete", "gpus"} as
+    `prepare_simulation` does."""
     from fedgen.data.silos import build_silos
     from fedgen.federation.selection import plan_selection, silo_unit_counts
     from fedgen.privacy.accounting import check_delta
@@ -41,10 +61,8 @@ def select(overrides: list[str], argv: list[str] | None = None, echo=print):
     from fedgen.run_dir import RunDir
     from fedgen.running.pretrain import ensure_base
 
-    stop_on_sigterm()
-    overrides = selection_overrides(overrides)
     cfg = load_config(overrides)
-    silos = build_silos(cfg)  # every check before any Flower process starts
+    silos = build_silos(cfg)
     units = silo_unit_counts(cfg, silos)
     plan = plan_selection(cfg, units)
     for silo, count in zip(silos, units, strict=True):
@@ -58,12 +76,11 @@ def select(overrides: list[str], argv: list[str] | None = None, echo=print):
     ensure_base(cfg, cfg.runs_dir, echo)
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
     check_selection_run_dir(run_dir)
-    if prepare_run_dir(run_dir, cfg, overrides, argv or sys.argv):
+    gpus = client_gpus(cfg)
+    if prepare_run_dir(run_dir, cfg, overrides, argv):
         echo(f"run '{cfg.name}' is already complete: {run_dir.root}")
-        return run_dir
-    run_flower(cfg, overrides, run_dir, echo, mode="select")
-    measure_selection(run_dir, echo, cfg.selection.eval_samples)
-    return run_dir
+        return {"complete": True, "gpus": gpus}
+    return {"complete": False, "gpus": gpus}
 
 
 def measure_selection(run_dir, echo=print, num_samples: int = 256) -> None:
