@@ -8,6 +8,11 @@ What it checks (the goals of issue 13), in one run:
   to the hospitals' held-out images at most 1.5x the no-DP model's and below the base's, precision
   at least half the no-DP model's.
 
+Beside the sweep, the same budget spent the other way: `fedgen select experiment=tradeoff` at
+epsilon 8 on the same hospitals and base (row `select_eps8`: one noisy vote per hospital reweights
+the base's samples; measured on the same held-out images with as many samples; attacked by DCR
+only, as it releases no trained weights). `--no-selection` leaves it out.
+
 The DP runs use the DP recipe (`DP_RECIPE`: which parameters, batch, learning rate, EMA), the no-DP
 run the standard one: each regime with the recipe that suits it, chosen on a tuning federation
 (data.seed=99), never on these hospitals' held-out images.
@@ -128,13 +133,47 @@ def goals(rows: dict) -> dict:
     get = lambda r, k: r.get(k) if isinstance(r.get(k), int | float) else None  # noqa: E731
     fd8, fd0, fdb = get(eps8, "frechet_distance"), get(none, "frechet_distance"), get(base, "frechet_distance")
     p8, p0 = get(eps8, "precision"), get(none, "precision")
-    return {
+    found = {
         "no_dp_best_auc_at_least_0.9": ok(get(none, "attack_auc") is not None and none["attack_auc"] >= 0.9),
         "eps8_best_auc_at_most_0.6": ok(get(eps8, "attack_auc") is not None and eps8["attack_auc"] <= 0.6),
         "eps8_fd_at_most_1.5x_no_dp": ok(None not in (fd8, fd0) and fd8 <= 1.5 * fd0),
         "eps8_fd_below_base": ok(None not in (fd8, fdb) and fd8 < fdb),
         "eps8_precision_at_least_half_no_dp": ok(None not in (p8, p0) and p8 >= 0.5 * p0),
     }
+    chosen = rows.get("select_eps8")
+    if chosen:  # the same utility goals for the budget spent on private selection instead
+        fds, ps = get(chosen, "frechet_distance"), get(chosen, "precision")
+        found.update({
+            "select_eps8_dcr_auc_at_most_0.6": ok(get(chosen, "attack_auc") is not None and chosen["attack_auc"] <= 0.6),
+            "select_eps8_fd_at_most_1.5x_no_dp": ok(None not in (fds, fd0) and fds <= 1.5 * fd0),
+            "select_eps8_fd_below_base": ok(None not in (fds, fdb) and fds < fdb),
+            "select_eps8_precision_at_least_half_no_dp": ok(None not in (ps, p0) and ps >= 0.5 * p0),
+        })
+    return found
+
+
+def selection_row(runs_dir: Path, extra: list[str]) -> tuple[dict, Path]:
+    """`fedgen select` at epsilon 8 where the sweep ran (same base, same hospitals): its row and
+    its samples' picture."""
+    name = "select_eps8"
+    command = [FEDGEN, "select", "experiment=tradeoff", "privacy=eps8", f"runs_dir={runs_dir}", f"name={name}", *extra]
+    print(" ".join(command), flush=True)
+    started = time.perf_counter()
+    done = subprocess.run(command)
+    folder = runs_dir / name
+    if done.returncode or not (folder / "selection_eval.json").exists():
+        return {"setting": name, "status": f"failed ({done.returncode})"}, folder / "selection.png"
+    measured = json.loads((folder / "selection_eval.json").read_text())
+    summary = json.loads((folder / "selection.json").read_text())
+    chosen = measured["selection"]
+    return {"setting": name, "epsilon": summary["epsilon_per_hospital"], "noise_multiplier": summary["noise_multiplier"],
+            "frechet_distance": chosen["frechet_distance"], "precision": chosen["precision"], "recall": chosen["recall"],
+            "best_attack": "dcr", "attack_auc": measured["attack"]["selection"]["dcr_auc"],
+            "cells": summary["cells"], "acceptance": measured["acceptance"],
+            "base_frechet_distance_same_draws": measured["base"]["frechet_distance"],
+            "seconds": time.perf_counter() - started, "status": "completed",
+            "note": "private selection: the base's samples reweighted by the hospitals' noisy votes; DCR attack only"}, \
+        folder / "selection.png"
 
 
 def side_by_side(images: dict[str, Path], out: Path) -> None:
@@ -163,6 +202,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated settings to run (e.g. eps8_lora); own JSON")
     parser.add_argument("--repeats", type=int, default=1,
                         help="train each DP setting this many times (fresh secret noise) and report mean and sd")
+    parser.add_argument("--no-selection", action="store_true", help="leave out the `fedgen select` row")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = parser.parse_args()
     only = [name for name in args.only.split(",") if name]
@@ -185,14 +225,19 @@ def main() -> None:
     start_utility = none_utility or (json.loads((sweep_dir / first / "utility.json").read_text())
                                      if first and (sweep_dir / first / "utility.json").exists() else {})
     rows = {"base": base_row(start_utility), **rows}
+    pictures = {s: sweep_dir / s / "samples.png" for s in rows if s != "base"}
+    if not (args.ablations or only or args.no_selection):
+        row, pictures["select_eps8"] = selection_row(sweep_dir, args.overrides)
+        rows["select_eps8"] = row
+    wall = time.perf_counter() - started
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     base_samples = next(iter(sorted((runs_dir / "tradeoff" / "pretrained").glob("*/samples.png"))), Path("-"))
     picture = out.with_suffix(".png")
-    side_by_side({"public base": base_samples, **{s: sweep_dir / s / "samples.png" for s in rows if s != "base"}}, picture)
+    side_by_side({"public base": base_samples, **pictures}, picture)
     result = {
-        "command": command, "commit": commit, "exit_code": done.returncode, "wall_seconds": wall,
+        "benchmark_command": " ".join(["python", *sys.argv]), "command": command, "commit": commit, "exit_code": done.returncode, "wall_seconds": wall,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "dp_recipe": DP_RECIPE, "sweep_dir": str(sweep_dir), "rows": rows,
