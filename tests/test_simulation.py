@@ -311,6 +311,6 @@ def test_the_launcher_plans_in_a_child_process_and_holds_no_torch(tmp_path):
     assert "in a child process of the launcher" in "".join(refused.value.__notes__)
     # What the launcher itself imports, from the command line to the run: no torch.
     probe = ("import sys; import fedgen.running.simulate as s; from fedgen.cli import main\n"
-             "s.call_apart = lambda *a, **k: sys.exit('torch' in sys.modules)\n"
+             "s.plan_apart = lambda *a, **k: sys.exit('torch' in sys.modules)\n"
              f"main(['simulate', 'runs_dir={tmp_path}', 'name=probe'])")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0

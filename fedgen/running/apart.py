@@ -4,7 +4,8 @@
 Planning the silos, checking the ledgers and the base model needs torch, diffusers and Opacus
 (about 0.3 GiB that no page of the federation shares): done in the launcher, it held them idle
 for the whole run, a tenth of the process tree's memory at 100 hospitals. A child process does
-that work and exits before Flower starts.
+that work and exits before Flower starts (`plan_apart`; in a process that holds torch already, a
+sweep or a test, the work runs in place: a child would save nothing there).
 
 The child is a fresh interpreter (`subprocess`, nothing inherited but the environment), not a
 `multiprocessing` one: spawning those starts a resource tracker that outlives the work, and
@@ -61,6 +62,15 @@ def call_apart(function: Callable[..., Any], *args: Any, echo: Callable[[str], A
         if not answered:  # interrupted, or a failure here: the work is not wanted any more
             child.kill()
         child.wait()
+
+
+def plan_apart(function: Callable[..., Any], *args: Any, echo: Callable[[str], Any] = print) -> Any:
+    """`call_apart` where it saves memory: in a child process, unless this process holds torch
+    already (a sweep between its runs, a test, a notebook), where a child would only add its
+    imports (seconds) and save nothing."""
+    if "torch" in sys.modules:
+        return function(*args, echo=echo)
+    return call_apart(function, *args, echo=echo)
 
 
 def serve(fd: int) -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fedgen.config import ConfigError, absolute_init, load_config
-from fedgen.running.apart import call_apart
+from fedgen.running.apart import plan_apart
 from fedgen.running.processes import stop_on_sigterm
 from fedgen.running.simulate import client_gpus, prepare_run_dir, run_flower
 
@@ -42,7 +42,7 @@ def select(overrides: list[str], argv: list[str] | None = None, echo=print):
     cfg = load_config(overrides)
     run_dir = RunDir(Path(cfg.runs_dir) / cfg.name)
     # As `fedgen simulate`: a child process plans, so that this one waits on Flower without torch.
-    prepared = call_apart(prepare_selection, overrides, argv or sys.argv, echo=echo)
+    prepared = plan_apart(prepare_selection, overrides, argv or sys.argv, echo=echo)
     if prepared["complete"]:
         return run_dir
     run_flower(cfg, overrides, run_dir, echo, mode="select", gpus=prepared["gpus"])

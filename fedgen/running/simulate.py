@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from omegaconf import OmegaConf
 
 from fedgen.config import CONF_DIR, ConfigError, ExperimentConfig, absolute_init, load_config
-from fedgen.running.apart import call_apart
+from fedgen.running.apart import plan_apart
 from fedgen.running.processes import ProcessGroup, free_port, stop_on_sigterm, wait_until_healthy
 
 if TYPE_CHECKING:  # run_dir imports torch: keep it out of `fedgen --help`
@@ -173,7 +173,7 @@ def simulate(overrides: list[str], argv: list[str] | None = None, echo=print) ->
          f"model {cfg.model.name}, data {cfg.data.source}")
     # The planning needs torch, diffusers and Opacus: a child process does it, so that this one
     # waits on Flower without them (fedgen.running.apart).
-    prepared = call_apart(prepare_simulation, overrides, argv or sys.argv, echo=echo)
+    prepared = plan_apart(prepare_simulation, overrides, argv or sys.argv, echo=echo)
     if prepared["complete"]:
         return run_dir
     run_flower(cfg, overrides, run_dir, echo, gpus=prepared["gpus"])
