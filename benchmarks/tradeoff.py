@@ -156,7 +156,8 @@ def selection_row(runs_dir: Path, extra: list[str]) -> tuple[dict, Path]:
     """`fedgen select` at epsilon 8 where the sweep ran (same base, same hospitals): its row and
     its samples' picture."""
     name = "select_eps8"
-    command = [FEDGEN, "select", "experiment=tradeoff", "privacy=eps8", f"runs_dir={runs_dir}", f"name={name}", *extra]
+    command = [FEDGEN, "select", "experiment=tradeoff", "privacy=eps8", f"runs_dir={runs_dir}", f"name={name}",
+               "selection.num_samples=16", *extra]  # a grid of 16, as the trained runs'; 256 are measured
     print(" ".join(command), flush=True)
     started = time.perf_counter()
     done = subprocess.run(command)
